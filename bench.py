@@ -150,8 +150,7 @@ def bench_model(rounds=7):
         del runs
     targets = {"mode 1": (0.97, 1.02), "mode 2": (0.97, 1.02), "mode 3": (0.95, 1.05)}
     peak_label = "peak alloc" if device.type == "cuda" else "peak RSS"
-    print(f"
-| variant | build | tokens/s | x mode 0 | saved bytes/token | x mode 0 | {peak_label} MB | x mode 0 | target |")
+    print(f"\n| variant | build | tokens/s | x mode 0 | saved bytes/token | x mode 0 | {peak_label} MB | x mode 0 | target |")
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for (label, name), r in results.items():
