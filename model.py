@@ -171,7 +171,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def forward_blocks(self, x, kv_cache=None):
@@ -257,8 +257,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None):
+                        use_cache=True, generator=None, vocab_size=None):
         """Yields each new token, (B, 1), as soon as it is sampled. idx: (B, T) prompt.
+        vocab_size: sample only ids below it (the tokenizer's vocabulary; the embedding table is padded).
         temperature 0 is greedy. With use_cache, every step feeds only the newest token and reuses the
         keys and values of earlier ones (valid in every mode: the mixing runs across depth at one position).
         Past block_size the context window slides: when it is full, its older half is dropped and the
@@ -276,7 +277,7 @@ class GPT(nn.Module):
             else:
                 kv_cache = [[] for _ in self.transformer.h] if use_cache else None
                 logits, _ = self(idx[:, start:], kv_cache=kv_cache)  # the whole window (prefill)
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
