@@ -162,21 +162,150 @@ def bench_model(rounds=7):
             passed = speed >= min_speed and act <= max_act
             ok &= passed
             verdict = f"{'PASS' if passed else 'FAIL'} (>= {min_speed}x speed, <= {max_act}x bytes)"
-        print(f"| {name} | {label} | {r['tok_s']:.0f} | {speed:.3f} | {act:.0f} | {act:.3f} | "
+        print(f"| {name} | {label} | {r['tok_s']:.0f} | {speed:.3f} | {r['act']:.0f} | {act:.3f} | "
               f"{r['peak'] / 2**20:.0f} | {peak:.3f} | {verdict} |")
     print(f"model targets: {'all PASS' if ok else 'some FAIL'}")
 
 
-def bench_prepare():
-    raise NotImplementedError  # prepare section (issue 3)
+# -----------------------------------------------------------------------------
+# prepare: tokenizing throughput against a bare tiktoken loop, parallel speed-up, memory bound
+
+
+def prepare_stdlib_texts():
+    """The default corpus as decoded texts, exactly what prepare.py tokenizes (sorted stdlib .py files)."""
+    import prepare
+    entries, _, total = prepare.resolve_sources(["pystdlib"])
+    return [open(path, "rb").read().decode("utf-8", "replace") for _, path in entries], total
+
+
+def prepare_timed_run(workers, data_dir):
+    import prepare
+    t0 = time.perf_counter()
+    prepare.prepare(["pystdlib"], name=f"w{workers}", data_dir=data_dir, workers=workers, overwrite=True, quiet=True)
+    return time.perf_counter() - t0
+
+
+def prepare_write_corpus(folder, n_bytes, texts):
+    """A folder of ~1 MB text files, n_bytes in all, cut from the stdlib texts (repeated as needed)."""
+    os.makedirs(folder)
+    blob = "\n".join(texts).encode("utf-8")
+    written, i = 0, 0
+    while written < n_bytes:
+        part = blob[(written % len(blob)):][:min(1 << 20, n_bytes - written)]
+        with open(os.path.join(folder, f"part{i:05d}.txt"), "wb") as f:
+            f.write(part)
+        written, i = written + len(part), i + 1
+
+
+def prepare_peak_rss(args):
+    """Peak RSS (bytes) of prepare.main(ARGS) in a fresh process, as its own VmHWM at exit (ru_maxrss would
+    also count the memory of this process, which the child had between fork and exec)."""
+    code = ("import sys, prepare; prepare.main(sys.argv[1:]); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", code, *args, "--quiet"], check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    return int(out.split()[-1]) * 1024
+
+
+def bench_prepare(rounds=3, rss_shard_tokens=10_000_000):
+    import tempfile
+    import prepare
+    if not os.path.exists("/proc/self/status"):
+        print("prepare: skipped, peak RSS is read from /proc (Linux only)")
+        return
+    try:
+        enc = prepare.get_tokenizer("gpt2")
+    except prepare.DataError as e:
+        print(f"prepare: skipped, {e}")
+        return
+    texts, n_bytes = prepare_stdlib_texts()
+    mb = n_bytes / 1e6
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        # 1. throughput on the same text: interleaved rounds, medians
+        times = {"bare": [], 1: [], 2: []}
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for text in texts:
+                enc.encode(text)  # tiktoken's encode_ordinary, single-threaded, nothing else
+            times["bare"].append(time.perf_counter() - t0)
+            for workers in (1, 2):
+                times[workers].append(prepare_timed_run(workers, tmp))
+        rate = {k: mb / statistics.median(v) for k, v in times.items()}
+        ratio_w1, ratio_w2 = rate[1] / rate["bare"], rate[2] / rate[1]
+        rows.append(("bare tiktoken encode_ordinary loop", f"{rate['bare']:.1f} MB/s", "", "", ""))
+        for label, value, ratio, target in (("prepare --workers 1", rate[1], ratio_w1, 0.8),
+                                            ("prepare --workers 2", rate[2], ratio_w2, 1.7)):
+            passed = ratio >= target
+            ok &= passed
+            base = "bare" if label.endswith("1") else "workers 1"
+            rows.append((label, f"{value:.1f} MB/s", f"{ratio:.2f}x {base}", f">= {target}x", "PASS" if passed else "FAIL"))
+        # 2. peak RSS: a corpus of ten shards against a corpus of one (byte tokens = bytes, so sizes are exact)
+        rss = {}
+        for label, size in (("1 shard", int(0.95 * rss_shard_tokens)), ("10 shards", 10 * rss_shard_tokens)):
+            folder = os.path.join(tmp, label.replace(" ", "_"))
+            prepare_write_corpus(folder, size, texts)
+            rss[label] = prepare_peak_rss([folder, "--name", "rss", "--tokenizer", "byte", "--data-dir", tmp,
+                                           "--shard-tokens", str(rss_shard_tokens), "--workers", "1", "--overwrite"])
+            rows.append((f"peak RSS, {label} ({size / 1e6:.0f} MB)", f"{rss[label] / 2**20:.0f} MiB", "", "", ""))
+        ratio = rss["10 shards"] / rss["1 shard"]
+        ok &= ratio <= 2
+        rows[-1] = rows[-1][:2] + (f"{ratio:.2f}x 1 shard", "<= 2x", "PASS" if ratio <= 2 else "FAIL")
+        # 3. the default corpus from the command line, both tokenizers, all cores
+        for flags in ([], ["--tokenizer", "byte"]):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
+                            *flags, "--data-dir", tmp, "--quiet"], check=True)
+            seconds = time.perf_counter() - t0
+            name = "pystdlib" + ("_byte" if flags else "")
+            meta = prepare.read_meta(os.path.join(tmp, name))
+            tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+            ok &= seconds < 120
+            rows.append((f"python prepare.py {' '.join(flags)}".strip(), f"{seconds:.1f} s", f"{tokens:,} tokens",
+                         "< 120 s", "PASS" if seconds < 120 else "FAIL"))
+    print(f"prepare on the Python {prepare.platform.python_version()} stdlib ({mb:.1f} MB, {len(texts)} files, gpt2), "
+          f"median of {rounds} interleaved rounds; peak RSS with --tokenizer byte --shard-tokens {rss_shard_tokens:,}")
+    print("| measure | value | ratio | target | result |\n|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"prepare targets: {'all PASS' if ok else 'some FAIL'}")
 
 
 def bench_train():
     raise NotImplementedError  # train section (issue 4)
 
 
-def bench_sample():
-    raise NotImplementedError  # sample section (issue 5)
+def sample_cpu_model():
+    """The model of `python train.py configs/method3.py configs/cpu.py`, randomly initialised: speed
+    does not depend on the weights."""
+    cfg = {}
+    for path in ("configs/method3.py", "configs/cpu.py"):
+        with open(path) as f:
+            exec(f.read(), {}, cfg)
+    args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "residual_mode")}
+    vocab = 257 if cfg["dataset"].endswith("_byte") else 50257
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args, vocab_size=vocab + (-vocab % 64))).eval(), vocab
+
+
+def bench_sample(new_tokens=256, rounds=3):
+    model, vocab = sample_cpu_model()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    print(f"configs/method3.py + configs/cpu.py model ({model.config}), batch 1, {new_tokens} new tokens, "
+          f"{rounds} interleaved rounds, median")
+    times = {True: [], False: []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for use_cache in (True, False):
+                t0 = time.perf_counter()
+                model.generate(prompt, new_tokens, temperature=1.0, top_k=200, use_cache=use_cache,
+                               generator=torch.Generator().manual_seed(0), vocab_size=vocab)
+                times[use_cache].append(time.perf_counter() - t0)
+    cached, uncached = (new_tokens / statistics.median(times[c]) for c in (True, False))
+    speedup = cached / uncached
+    print("| generation | tokens/s | x without cache |\n|---|---|---|")
+    print(f"| KV cache | {cached:.0f} | {speedup:.2f} |\n| no cache | {uncached:.0f} | 1.00 |")
+    print(f"sample target (cache >= 5x): {'PASS' if speedup >= 5 else 'FAIL'}")
 
 
 SECTIONS = {"model": bench_model, "prepare": bench_prepare, "train": bench_train, "sample": bench_sample}
