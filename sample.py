@@ -8,6 +8,7 @@ Sample from a trained model, printing tokens as they are produced.
 Options are the globals below, set with --key=value. The tokenizer is the one named in the checkpoint,
 so nothing is read from data/.
 """
+import glob
 import os
 import sys
 from ast import literal_eval
@@ -20,7 +21,7 @@ from model import GPT, GPTConfig
 from prepare import DataError, get_tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = "out"  # the run to sample from: out_dir/ckpt.pt
+out_dir = "out"  # the run to sample from: out_dir/ckpt.pt, else the newest out_dir/*/ckpt.pt
 ckpt = ""  # a checkpoint path; overrides out_dir when set
 start = "\n"  # the prompt, or "FILE:path" to read it from a file; "" starts from the end-of-text token
 num_samples = 3
@@ -110,8 +111,19 @@ def encode_start(tokenizer, text, vocab_size):
     return ids
 
 
+def find_checkpoint(out_dir):
+    """out_dir/ckpt.pt, or else the newest checkpoint one folder down: the method configs write to
+    out/method3, out/method3_cpu, ..., and `python sample.py` should read the latest run."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    runs = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*", "ckpt.pt")), key=os.path.getmtime)
+    if os.path.exists(path) or not runs:
+        return path
+    print(f"sample.py: sampling from the newest run, {runs[-1]}", file=sys.stderr)
+    return runs[-1]
+
+
 def main(config):
-    path = config["ckpt"] or os.path.join(config["out_dir"], "ckpt.pt")
+    path = config["ckpt"] or find_checkpoint(config["out_dir"])
     checkpoint = load_checkpoint(path)
     device, dtype = pick_device_and_dtype(config["device"], config["dtype"])
     model_config = GPTConfig(**checkpoint["model_args"])

@@ -150,6 +150,19 @@ def test_sample_script_reads_out_dir_and_file_prompt(tmp_path):
     assert r.stdout.decode().startswith("def main():\n")
 
 
+def test_sample_script_finds_the_newest_run(tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt", "byte")
+    (tmp_path / "method3_cpu").mkdir()
+    write_checkpoint(tmp_path / "method3_cpu" / "ckpt.pt", "byte")
+    args = ["--num_samples=1", "--max_new_tokens=5", "--start=x"]
+    direct = run_sample(f"--out_dir={tmp_path}", *args)
+    assert direct.returncode == 0 and direct.stderr == b""  # out_dir/ckpt.pt itself wins
+    os.remove(tmp_path / "ckpt.pt")
+    found = run_sample(f"--out_dir={tmp_path}", *args)
+    assert found.returncode == 0, found.stderr.decode()
+    assert "method3_cpu" in found.stderr.decode()
+
+
 def one_line_error(result, *needles):
     err = result.stderr.decode()
     assert result.returncode != 0
