@@ -200,11 +200,12 @@ def prepare_write_corpus(folder, n_bytes, texts):
 def prepare_peak_rss(args):
     """Peak RSS (bytes) of prepare.main(ARGS) in a fresh process, as its own VmHWM at exit (ru_maxrss would
     also count the memory of this process, which the child had between fork and exec)."""
-    code = ("import sys, prepare; prepare.main(sys.argv[1:]); "
-            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
-    out = subprocess.run([sys.executable, "-c", code, *args, "--quiet"], check=True, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-    return int(out.split()[-1]) * 1024
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import prepare; "
+            "prepare.main(sys.argv[1:]); print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    out = subprocess.run([sys.executable, "-c", code, *args, "--quiet"], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"prepare.py {' '.join(args)} failed: {out.stderr.strip()}")
+    return int(out.stdout.split()[-2]) * 1024  # "VmHWM:   51234 kB"
 
 
 def bench_prepare(rounds=3, rss_shard_tokens=10_000_000):
@@ -239,7 +240,8 @@ def bench_prepare(rounds=3, rss_shard_tokens=10_000_000):
             passed = ratio >= target
             ok &= passed
             base = "bare" if label.endswith("1") else "workers 1"
-            rows.append((label, f"{value:.1f} MB/s", f"{ratio:.2f}x {base}", f">= {target}x", "PASS" if passed else "FAIL"))
+            rows.append((label, f"{value:.1f} MB/s", f"{ratio:.2f}x {base}", f">= {target}x",
+                         "PASS" if passed else "FAIL"))
         # 2. peak RSS: a corpus of ten shards against a corpus of one (byte tokens = bytes, so sizes are exact)
         rss = {}
         for label, size in (("1 shard", int(0.95 * rss_shard_tokens)), ("10 shards", 10 * rss_shard_tokens)):
@@ -271,8 +273,91 @@ def bench_prepare(rounds=3, rss_shard_tokens=10_000_000):
     print(f"prepare targets: {'all PASS' if ok else 'some FAIL'}")
 
 
-def bench_train():
-    raise NotImplementedError  # train section (issue 4)
+TRAIN_CONFIGS = ["configs/method3.py", "configs/cpu.py"]  # the model and batch of the CPU run
+
+
+def train_loop_tokens_per_sec(dtype, iters, out_dir, log_interval=10):
+    """train.py itself, as a subprocess: the tokens/s it logs (eval and checkpoint time excluded),
+    median over its log windows after the first (warm-up)."""
+    import json
+    cmd = [sys.executable, "train.py", *TRAIN_CONFIGS, f"--dtype={dtype}", f"--max_iters={iters}",
+           f"--log_interval={log_interval}", f"--eval_interval={iters}", "--eval_iters=1", f"--ckpt_interval={iters}",
+           f"--out_dir={out_dir}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return statistics.median(r["tokens_per_sec"] for r in records if r["type"] == "train" and r["iter"] > log_interval)
+
+
+def train_bare_step(cfg, dtype):
+    """The same model and batch, trained by the least code possible: forward, backward, clip, AdamW step.
+    Returns step() and the model."""
+    import contextlib
+    torch.manual_seed(0)
+    args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "residual_mode")}
+    model = GPT(GPTConfig(**args, vocab_size=320))  # the byte vocabulary, 257, padded to 320 as train.py does
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 257, (2, cfg["batch_size"], cfg["block_size"]), generator=g)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, model
+
+
+def bench_train(rounds=3, iters=40, log_interval=10):
+    """train.py's whole loop (data, logging, eval and checkpoint bookkeeping) against a bare step of the
+    same model, fp32 and bf16 autocast, interleaved rounds; and MFU against this CPU's measured matmul peak."""
+    import shutil
+    import tempfile
+    import model as model_lib
+    import train
+    cfg = train.load_config(TRAIN_CONFIGS)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    print(f"configs/method3.py + configs/cpu.py on CPU ({torch.get_num_threads()} threads): n_layer {cfg['n_layer']}, "
+          f"n_embd {cfg['n_embd']}, block_size {cfg['block_size']}, batch {cfg['batch_size']}; {rounds} interleaved "
+          f"rounds of {iters} iterations, median tokens/s over {log_interval}-iteration windows after the first")
+    dtypes = ["float32", "bfloat16"]
+    bare = {d: train_bare_step(cfg, d) for d in dtypes}
+    results = {(d, kind): [] for d in dtypes for kind in ("loop", "bare")}
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    try:
+        for r in range(rounds):
+            for d in dtypes:
+                out = os.path.join(tmp, f"{d}_{r}")
+                results[d, "loop"].append(train_loop_tokens_per_sec(d, iters, out, log_interval))
+                step, _ = bare[d]
+                windows = []
+                for w in range(iters // log_interval):
+                    t0 = time.perf_counter()
+                    for _ in range(log_interval):
+                        step()
+                    windows.append(log_interval * tokens / (time.perf_counter() - t0))
+                results[d, "bare"].append(statistics.median(windows[1:]))
+                print(f"  round {r + 1} {d}: loop {results[d, 'loop'][-1]:,.0f} tok/s, "
+                      f"bare {results[d, 'bare'][-1]:,.0f} tok/s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ok = True
+    print("\n| dtype | loop tokens/s | bare tokens/s | loop / bare | target | result | matmul peak GFLOP/s | "
+          "loop MFU | bare MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for d in dtypes:
+        loop_tps, bare_tps = (statistics.median(results[d, k]) for k in ("loop", "bare"))
+        ratio = loop_tps / bare_tps
+        passed = ratio >= 0.95
+        ok &= passed
+        model = bare[d][1]
+        peak = model_lib.measure_cpu_matmul_flops(train.DTYPES[d])
+        print(f"| {d} | {loop_tps:,.0f} | {bare_tps:,.0f} | {ratio:.3f} | >= 0.95 | {'PASS' if passed else 'FAIL'} | "
+              f"{peak / 1e9:.1f} | {model.estimate_mfu(loop_tps, peak):.1%} | {model.estimate_mfu(bare_tps, peak):.1%} |")
+    print(f"train targets: {'all PASS' if ok else 'some FAIL'}")
 
 
 def sample_cpu_model():
