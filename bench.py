@@ -311,20 +311,41 @@ def train_bare_step(cfg, dtype):
     return step, model
 
 
+def train_bare_tokens_per_sec(dtype, iters, log_interval):
+    """The bare step, in a fresh process like train.py's loop, so that neither side has the other's
+    warm caches or memory: median tokens/s over log_interval-step windows after the first."""
+    code = f"import bench; print(bench.train_bare_run({dtype!r}, {iters}, {log_interval}))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
+def train_bare_run(dtype, iters, log_interval):
+    import train
+    cfg = train.load_config(TRAIN_CONFIGS)
+    step, _ = train_bare_step(cfg, dtype)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    windows = []
+    for _ in range(iters // log_interval):
+        t0 = time.perf_counter()
+        for _ in range(log_interval):
+            step()
+        windows.append(log_interval * tokens / (time.perf_counter() - t0))
+    return statistics.median(windows[1:])
+
+
 def bench_train(rounds=3, iters=40, log_interval=10):
     """train.py's whole loop (data, logging, eval and checkpoint bookkeeping) against a bare step of the
-    same model, fp32 and bf16 autocast, interleaved rounds; and MFU against this CPU's measured matmul peak."""
+    same model, each in a fresh process, fp32 and bf16 autocast, interleaved rounds; and MFU against
+    this CPU's measured matmul peak."""
     import shutil
     import tempfile
     import model as model_lib
     import train
     cfg = train.load_config(TRAIN_CONFIGS)
-    tokens = cfg["batch_size"] * cfg["block_size"]
     print(f"configs/method3.py + configs/cpu.py on CPU ({torch.get_num_threads()} threads): n_layer {cfg['n_layer']}, "
           f"n_embd {cfg['n_embd']}, block_size {cfg['block_size']}, batch {cfg['batch_size']}; {rounds} interleaved "
           f"rounds of {iters} iterations, median tokens/s over {log_interval}-iteration windows after the first")
     dtypes = ["float32", "bfloat16"]
-    bare = {d: train_bare_step(cfg, d) for d in dtypes}
     results = {(d, kind): [] for d in dtypes for kind in ("loop", "bare")}
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     try:
@@ -332,18 +353,12 @@ def bench_train(rounds=3, iters=40, log_interval=10):
             for d in dtypes:
                 out = os.path.join(tmp, f"{d}_{r}")
                 results[d, "loop"].append(train_loop_tokens_per_sec(d, iters, out, log_interval))
-                step, _ = bare[d]
-                windows = []
-                for w in range(iters // log_interval):
-                    t0 = time.perf_counter()
-                    for _ in range(log_interval):
-                        step()
-                    windows.append(log_interval * tokens / (time.perf_counter() - t0))
-                results[d, "bare"].append(statistics.median(windows[1:]))
+                results[d, "bare"].append(train_bare_tokens_per_sec(d, iters, log_interval))
                 print(f"  round {r + 1} {d}: loop {results[d, 'loop'][-1]:,.0f} tok/s, "
                       f"bare {results[d, 'bare'][-1]:,.0f} tok/s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _, model = train_bare_step(cfg, "float32")  # for its FLOPs per token
     ok = True
     print("\n| dtype | loop tokens/s | bare tokens/s | loop / bare | target | result | matmul peak GFLOP/s | "
           "loop MFU | bare MFU |")
@@ -353,7 +368,6 @@ def bench_train(rounds=3, iters=40, log_interval=10):
         ratio = loop_tps / bare_tps
         passed = ratio >= 0.95
         ok &= passed
-        model = bare[d][1]
         peak = model_lib.measure_cpu_matmul_flops(train.DTYPES[d])
         print(f"| {d} | {loop_tps:,.0f} | {bare_tps:,.0f} | {ratio:.3f} | >= 0.95 | {'PASS' if passed else 'FAIL'} | "
               f"{peak / 1e9:.1f} | {model.estimate_mfu(loop_tps, peak):.1%} | {model.estimate_mfu(bare_tps, peak):.1%} |")
