@@ -86,6 +86,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if n_past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:  # one new position sees every cached one: no mask to build
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:  # new position t may see every cached position and the new ones up to t
             mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -255,7 +257,7 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved FLOP/s over the peak FLOP/s passed in."""
         return tokens_per_second * self.flops_per_token(seq_len) / peak_flops
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True, generator=None, vocab_size=None):
         """Yields each new token, (B, 1), as soon as it is sampled. idx: (B, T) prompt.
