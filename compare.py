@@ -485,22 +485,7 @@ def plot_layer_weights(plt, w, mode, path):
     panels = [("mean", w["mean"], 2)] + ([("std over seeds", w["std"], 3)] if w["seeds"] > 1 else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.2 + 0.55 * n), 0.8 + 0.5 * n), squeeze=False)
     for ax, (title, rows, digits) in zip(axes[0], panels):
-        grid = np.full((n, n), np.nan)  # (block m, source block i); blank above the diagonal and for block 0
-        for m, row in enumerate(rows):
-            if row is not None:
-                grid[m, :len(row)] = row
-        image = ax.imshow(grid, cmap="viridis", vmin=0.0)
-        if n <= 16:
-            for m in range(n):
-                for i in range(n):
-                    if not np.isnan(grid[m, i]):
-                        ax.text(i, m, f"{grid[m, i]:.{digits}f}", ha="center", va="center", fontsize=7, color="w")
-        ax.set_xlabel("source block i (its MLP input a_i)")
-        ax.set_ylabel("block m")
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        ax.set_title(f"mode {mode}: {title} ({w['seeds']} seeds)")
-        fig.colorbar(image, ax=ax)
+        train.draw_layer_heatmap(fig, ax, rows, digits, f"mode {mode}: {title} ({w['seeds']} seeds)")
     save_figure(plt, fig, path)
 
 

@@ -424,26 +424,34 @@ def plot_layer_weights(path, rows, mode_name):
         print("train.py: matplotlib is not installed, so no layer_weights.png (pip install matplotlib)", flush=True)
         return
     n = len(rows)
-    grid = np.full((n, n), np.nan)  # (block m, source block i); nan above the diagonal stays blank
-    for r in rows:
-        if r["count"]:
-            grid[r["index"], :r["count"]] = r["normalized"]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.55 * n), max(4.0, 1.0 + 0.5 * n)))
+    weights = [r["normalized"] if r["count"] else None for r in rows]
+    draw_layer_heatmap(fig, ax, weights, 2, f"learned weights softmax(theta_m), residual_mode {mode_name}")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def draw_layer_heatmap(fig, ax, weights, digits, title):
+    """weights[m]: block m's weights over blocks 0..m, or None. Drawn lower-triangular, row m = block m,
+    blank where a block has none (also used by compare.py)."""
+    n = len(weights)
+    grid = np.full((n, n), np.nan)  # (block m, source block i); nan stays blank
+    for m, row in enumerate(weights):
+        if row is not None:
+            grid[m, :len(row)] = row
     image = ax.imshow(grid, cmap="viridis", vmin=0.0)
     if n <= 16:
         for m in range(n):
             for i in range(n):
                 if not np.isnan(grid[m, i]):
-                    ax.text(i, m, f"{grid[m, i]:.2f}", ha="center", va="center", fontsize=7, color="w")
+                    ax.text(i, m, f"{grid[m, i]:.{digits}f}", ha="center", va="center", fontsize=7, color="w")
     ax.set_xlabel("block i whose MLP input a_i is mixed in")
     ax.set_ylabel("block m")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set_title(f"learned weights softmax(theta_m), residual_mode {mode_name}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
