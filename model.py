@@ -208,10 +208,10 @@ class GPT(nn.Module):
         materialise an (m+1, B, T, C) tensor per block, and keep it for backward."""
         if block.layer_logits is None:  # block 0: its only weight is 1
             return states[0]
-        w = torch.softmax(block.layer_logits, dim=0)  # (m+1,)
+        w = torch.softmax(block.layer_logits, dim=0).unbind()  # m+1 scalars
         total = w[0] * states[0]
-        for i in range(1, len(states)):
-            total = total + w[i] * states[i]
+        for w_i, state in zip(w[1:], states[1:]):
+            total = torch.addcmul(total, w_i, state)  # total + w_i * state in one op, no temporary
         return total
 
     def layer_logits(self):

@@ -19,6 +19,8 @@ when complete, so an interrupted run never leaves a dataset that read_meta/open_
 import argparse
 import codecs
 import collections
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import ctypes
 import glob
@@ -26,7 +28,6 @@ import gzip
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import platform
 import re
@@ -430,24 +431,39 @@ def _shakespeare_passages(url):
         yield passage, len(passage) + (2 if i < len(passages) - 1 else 0)
 
 
+def _is_plain_file(kind, where):
+    """A local file that is one document as it is (not JSONL, not compressed)."""
+    return kind == "file" and not where.lower().endswith((".jsonl", ".gz"))
+
+
 def iter_documents(entries, progress):
-    """All documents of all sources in order, as raw bytes; progress["bytes_in"] counts the input read."""
+    """All documents of all sources in order, as (document, size) pairs; progress["bytes_in"] counts the input.
+    A plain local file travels as its path and is read by the worker that tokenizes it: reading and passing
+    file contents in this process would make it a serial bottleneck. Every other document is raw bytes."""
     for kind, where in entries:
+        if _is_plain_file(kind, where):
+            try:
+                size = os.path.getsize(where)
+            except OSError as e:
+                raise DataError(f"{where}: cannot read ({e.strerror or e})")
+            progress["bytes_in"] += size
+            yield where, size
+            continue
         documents = _shakespeare_passages(where) if kind == "shakespeare" else _read_documents(kind, where)
         for data, n_input in documents:
             progress["bytes_in"] += n_input
-            yield data
+            yield data, len(data)
 
 
 def _chunks(documents, chunk_bytes):
-    """Groups documents into lists of about chunk_bytes: one worker task each."""
-    chunk, size = [], 0
-    for data in documents:
-        chunk.append(data)
-        size += len(data)
-        if size >= chunk_bytes:
+    """Groups (document, size) pairs into lists of documents of about chunk_bytes: one worker task each."""
+    chunk, total = [], 0
+    for document, size in documents:
+        chunk.append(document)
+        total += size
+        if total >= chunk_bytes:
             yield chunk
-            chunk, size = [], 0
+            chunk, total = [], 0
     if chunk:
         yield chunk
 
@@ -488,13 +504,16 @@ def _encode(text, data):
 
 
 def encode_chunk(documents):
-    """Tokenizes a list of raw documents. Returns each split's token stream (EOT before every document)
-    and counts. The split of a document depends only on its content, so any chunking gives the same output."""
+    """Tokenizes a list of documents: raw bytes, or the path of a plain file to read here. Returns each
+    split's token stream (EOT before every document) and counts. The split of a document depends only
+    on its content, so any chunking gives the same output."""
     global _replaced_bytes
     streams = {"train": [], "val": []}
     counts = {"train": 0, "val": 0, "empty": 0, "replaced_bytes": 0, "replaced_documents": 0}
     eot = np.array([_tokenizer.eot_token], dtype=TOKEN_DTYPE)
     for data in documents:
+        if isinstance(data, str):
+            (data, _), = _read_documents("file", data)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:  # rare: take the slow path that replaces and counts
@@ -516,20 +535,27 @@ def encode_chunk(documents):
 
 def _map_ordered(fn, items, workers, initargs):
     """fn over items, results in order. Unlike Pool.imap (which reads its whole input ahead), at most
-    TASKS_PER_WORKER tasks per worker are in flight, so memory stays bounded whatever the corpus size."""
+    TASKS_PER_WORKER tasks per worker are in flight, so memory stays bounded whatever the corpus size.
+    ProcessPoolExecutor rather than multiprocessing.Pool: Pool's worker-handler thread spins while results
+    wait in its pipe, and with results this large that burned ~0.2 s of CPU a run that the workers needed."""
     if workers == 1:
         _init_worker(*initargs)
         for item in items:
             yield fn(item)
         return
-    with multiprocessing.Pool(workers, _init_pool_worker, initargs) as pool:  # leaving the block terminates it
-        pending = collections.deque()
+    pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_pool_worker, initargs=initargs)
+    pending = collections.deque()
+    try:
         for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
+            pending.append(pool.submit(fn, item))
             if len(pending) >= TASKS_PER_WORKER * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError(f"a tokenizer worker process died (out of memory, or killed); try fewer --workers") from None
+    finally:  # on an error or Ctrl-C, drop the queued tasks; those running take one chunk's time to end
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------

@@ -426,6 +426,25 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, case):
     assert not os.path.exists(tmp_path / "d") or os.listdir(tmp_path / "d") == []
 
 
+def _die(documents):
+    os._exit(3)  # a worker that vanishes mid-task, as the OOM killer would leave it
+
+
+def test_errors_in_worker_processes_are_one_line(tmp_path, monkeypatch):
+    """With --workers 2 the files are read and tokenized in other processes; their errors still end as one
+    line, and a worker that dies is reported instead of hanging the run."""
+    c = tmp_path / "c"
+    write_docs(c, DOCS)
+    os.symlink(tmp_path / "gone", c / "dangling.txt")
+    message = run_cli(c, "--name", "ds", "--data-dir", tmp_path / "d", "--workers", "2", "--quiet")
+    assert message == f"prepare.py: {c / 'dangling.txt'}: cannot read (No such file or directory)"
+    os.remove(c / "dangling.txt")
+    monkeypatch.setattr(prepare, "encode_chunk", _die)
+    message = run_cli(c, "--name", "ds", "--data-dir", tmp_path / "d", "--workers", "2", "--quiet")
+    assert message == "prepare.py: a tokenizer worker process died (out of memory, or killed); try fewer --workers"
+    assert os.listdir(tmp_path / "d") == []
+
+
 @pytest.mark.parametrize("bad_id, expected", [
     (70000, "token id 70000, which does not fit the uint16 shards (ids must be below 65536)"),
     (50000, "token id 50000, beyond its vocab_size 50000"),
