@@ -513,7 +513,7 @@ def encode_chunk(documents):
     eot = np.array([_tokenizer.eot_token], dtype=TOKEN_DTYPE)
     for data in documents:
         if isinstance(data, str):
-            (data, _), = _read_documents("file", data)
+            [(data, _)] = _read_documents("file", data)  # a plain file is one document
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:  # rare: take the slow path that replaces and counts
@@ -553,7 +553,7 @@ def _map_ordered(fn, items, workers, initargs):
         while pending:
             yield pending.popleft().result()
     except concurrent.futures.process.BrokenProcessPool:
-        raise DataError(f"a tokenizer worker process died (out of memory, or killed); try fewer --workers") from None
+        raise DataError("a tokenizer worker process died (out of memory, or killed); try fewer --workers") from None
     finally:  # on an error or Ctrl-C, drop the queued tasks; those running take one chunk's time to end
         pool.shutdown(wait=True, cancel_futures=True)
 
