@@ -1,17 +1,31 @@
 """
 A GPT whose residual connections can reach back over earlier blocks.
 
-The switch is `GPTConfig.residual_mode`, and all of its wiring lives in `GPT.forward_blocks` below.
-With L blocks m = 0..L-1, h_0 = token + position embedding, h_m the input of block m:
+The switch is `GPTConfig.residual_mode`; all of its wiring lives in `GPT.forward_blocks` below
+(mode 6's in the one helper it calls, `GPT.attention_residuals`). With L blocks m = 0..L-1,
+h_0 = token + position embedding, h_m the input of block m, a_m the input of its MLP sublayer:
 
-  mode 0 standard     a_m = h_m + Attn(ln_1(h_m))               h_{m+1} = a_m + MLP(ln_2(a_m))
-  mode 1 mlp_mean     a_m as mode 0                             h_{m+1} = mean(a_0..a_m) + MLP(ln_2(a_m))
-  mode 2 attn_mean    a_m = mean(h_0..h_m) + Attn(ln_1(h_m))    h_{m+1} as mode 0
-  mode 3 mlp_learned  a_m as mode 0                             h_{m+1} = sum_i w_{m,i} a_i + MLP(ln_2(a_m))
-                      with w_m = softmax(theta_m), theta_m of length m+1, zero at init (= mode 1)
+  mode 0 standard     a_m = h_m + Attn(ln_1(h_m))              h_{m+1} = a_m + MLP(ln_2(a_m))
+  mode 1 mlp_mean     a_m as mode 0                   h_{m+1} = mean(a_0..a_m) + MLP(ln_2(a_m))
+  mode 2 attn_mean    a_m = mean(h_0..h_m) + Attn(ln_1(h_m))   h_{m+1} as mode 0
+  mode 3 mlp_learned  a_m as mode 0                   h_{m+1} = sum_i w_{m,i} a_i + MLP(ln_2(a_m))
+                      w_m = softmax(theta_m), theta_m of length m+1, zero at init (= mode 1)
+  mode 4 attn_learned a_m = sum_i u_{m,i} h_i + Attn(ln_1(h_m))   h_{m+1} as mode 0
+                      u_m = softmax(phi_m), phi_m of length m+1, zero at init (= mode 2)
+  mode 5 dwa          DenseFormer (Pagliardini et al. 2024): y_{m+1} = a + MLP(ln_2(a)) with
+                      a = x_m + Attn(ln_1(x_m)), then x_{m+1} = sum_{j<=m+1} alpha_{m,j} y_j, with
+                      y_0 = x_0 = h_0; the head reads x_L. alpha_m one-hot on j = m+1 (= mode 0)
+  mode 6 attn_res     Attention Residuals (Kimi team 2026), no residual sum: sublayer k = 2m is
+                      block m's f_k = Attn(ln_1(.)), k = 2m+1 its MLP(ln_2(.)). Sources s_0 = h_0,
+                      s_{k+1} = f_k(z_k); sublayer k (k = 2L: the head) reads, per position,
+                      z_k = sum_{i<=k} softmax_i(q_k . r(s_i)) s_i, r(v) = v / sqrt(mean(v^2)+1e-6);
+                      q_k = 0 at init: z_k = mean(s_0..s_k)
+  mode 7 x0_mix       h_m <- lambda_m h_m + mu_m h_0 at the entry of every block, then mode 0
+                      (modded-nanogpt's x0 lambdas); (lambda_m, mu_m) = (1, 0) at init (= mode 0)
 
-Otherwise this is nanoGPT's model: GPT-2 module names, tied embeddings, scaled init of the residual
-projections, flash attention through scaled_dot_product_attention.
+Mixing parameters (MIXING_PARAMS): one optimizer group, no weight decay (configure_optimizers);
+mixing_weights() reads them for reports. Otherwise nanoGPT's model: GPT-2 module names, tied
+embeddings, scaled init of the residual projections, flash attention (scaled_dot_product_attention).
 """
 import functools
 import inspect
@@ -23,11 +37,16 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-RESIDUAL_MODES = {"standard": 0, "mlp_mean": 1, "attn_mean": 2, "mlp_learned": 3}
+RESIDUAL_MODES = {"standard": 0, "mlp_mean": 1, "attn_mean": 2, "mlp_learned": 3, "attn_learned": 4,
+                  "dwa": 5, "attn_res": 6, "x0_mix": 7}
+MODE_NAMES = {i: name for name, i in RESIDUAL_MODES.items()}
+# the learned residual mixing of every mode, by parameter name (see Block and GPT)
+MIXING_PARAMS = ("layer_logits", "dwa_weights", "attn_query", "mlp_query", "final_query",
+                 "x0_lambdas")
 
 
 def parse_residual_mode(value):
-    """0..3 or a name from RESIDUAL_MODES -> int; anything else is a ValueError."""
+    """0..7 or a name from RESIDUAL_MODES -> int; anything else is a ValueError."""
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value in RESIDUAL_MODES.values():
@@ -38,12 +57,16 @@ def parse_residual_mode(value):
     raise ValueError(f"unknown residual_mode {value!r}; valid values are {valid}")
 
 
+def optional_param(on, value):
+    return nn.Parameter(value) if on else None
+
+
 @dataclass
 class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    mlp_hidden: int = None  # MLP width; None means 4 * n_embd (the original experiment used 2048 at 768)
+    mlp_hidden: int = None  # MLP width; None: 4 * n_embd (the original experiment: 2048 at 768)
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     dropout: float = 0.0
@@ -65,7 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -89,7 +112,7 @@ class CausalSelfAttention(nn.Module):
         elif T == 1:  # one new position sees every cached one: no mask to build
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:  # new position t may see every cached position and the new ones up to t
-            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
+            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(n_past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -109,7 +132,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """The sublayers of block m. How they are wired into the residual stream is GPT.forward_blocks'."""
+    """The sublayers of block m. No forward here: how they are wired into the residual stream, in
+    every mode, is GPT.forward_blocks below."""
 
     def __init__(self, config, index):
         super().__init__()
@@ -117,12 +141,36 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-        if config.residual_mode == 3 and index > 0:
-            # theta_m: one logit per block 0..index. Zero at init, so softmax gives mode 1's uniform mean.
-            # Block 0 has none: its only weight is 1.
-            self.layer_logits = nn.Parameter(torch.zeros(index + 1))
-        else:
-            self.layer_logits = None
+        # the mixing parameters, None outside their mode; at init each mode is the one it extends
+        mode, C = config.residual_mode, config.n_embd
+        # theta_m (mode 3) or phi_m (mode 4) over blocks 0..m; none in block 0: its only weight is 1
+        self.layer_logits = optional_param(mode in (3, 4) and index > 0, torch.zeros(index + 1))
+        # alpha_m over y_0..y_{m+1}, one-hot on y_{m+1}: x_{m+1} = y_{m+1}, the standard residual
+        self.dwa_weights = optional_param(mode == 5, torch.arange(index + 2).eq(index + 1).float())
+        # q_{2m} and q_{2m+1}; q_0 is inert (z_0 has the one source h_0), kept: one query per z_k
+        self.attn_query = optional_param(mode == 6, torch.zeros(C))
+        self.mlp_query = optional_param(mode == 6, torch.zeros(C))
+        self.x0_lambdas = optional_param(mode == 7, torch.tensor([1.0, 0.0]))  # (lambda_m, mu_m)
+
+
+class X0Mix(torch.autograd.Function):
+    """Mode 7's lambda * h + mu * h_0, lambda_mu = (lambda, mu). Autograd's own products keep h for
+    lambda's gradient: one more (B, T, C) tensor a block, compiled too. This keeps the output, which
+    ln_1 needs anyway, and takes sum(g * h) as (sum(g * out) - mu * sum(g * h_0)) / lambda."""
+
+    @staticmethod
+    def forward(ctx, h, h_0, lambda_mu):
+        out = lambda_mu[0] * h + lambda_mu[1] * h_0
+        ctx.save_for_backward(out, h_0, lambda_mu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, h_0, lambda_mu = ctx.saved_tensors
+        lam, mu = lambda_mu.unbind()
+        grad_mu = (grad * h_0).sum()
+        grad_lam = ((grad * out).sum() - mu * grad_mu) / lam
+        return lam * grad, mu * grad, torch.stack([grad_lam, grad_mu]).to(lambda_mu.dtype)
 
 
 class GPT(nn.Module):
@@ -140,6 +188,10 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        self.final_query = optional_param(config.residual_mode == 6, torch.zeros(config.n_embd))
+        # mode 6: final_query is the head's q_{2L}. Its routing record (record_routing) is kept in
+        # plain tensors, not buffers: DDP would broadcast rank 0's buffers over the other ranks'.
+        self.recording_routing, self.routing_sums, self.routing_count = False, None, None
         self.apply(self._init_weights)
         # GPT-2's scaled init: every block adds two projections to the residual stream
         for name, p in self.named_parameters():
@@ -165,29 +217,39 @@ class GPT(nn.Module):
         block for generation (see generate). Returns logits (B, T, vocab) for every position and the
         mean cross-entropy loss, or None without targets."""
         B, T = idx.size()
-        start = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] else 0  # positions already cached
-        assert start + T <= self.config.block_size, f"{start + T} positions > block_size {self.config.block_size}"
+        start = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] else 0  # positions cached
+        assert start + T <= self.config.block_size, f"{start + T} positions > block_size"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # h_0: (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # h_0
         x = self.forward_blocks(x, kv_cache)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def forward_blocks(self, x, kv_cache=None):
         """The residual stream through every block: this is where the residual modes differ.
-        x: (B, T, C) = h_0. Returns h_L: (B, T, C)."""
+        x: (B, T, C) = h_0. Returns what ln_f reads: h_L (x_L in mode 5, z_{2L} in mode 6)."""
         mode = self.config.residual_mode
-        running_sum = 0.0  # modes 1 and 2: sum of the states so far, so the mean costs one add a block
-        mlp_inputs = []  # mode 3: a_0..a_m. No copies: ln_2 keeps each of them alive for backward anyway
+        if mode == 6:  # no residual sum at all: every sublayer input is routed
+            return self.attention_residuals(x, kv_cache)
+        h_0, running_sum = x, 0.0  # modes 1 and 2: the sum of the states so far, one add a block
+        # mode 3: a_0..a_m; mode 4: h_0..h_m; mode 5: y_0..y_{m+1}. No copies: ln_1 or ln_2 keeps
+        # each alive for backward anyway (but mode 5's y_{m+1}: alpha's gradient needs it)
+        states = [x] if mode == 5 else []
         for m, block in enumerate(self.transformer.h):
             cache = kv_cache[m] if kv_cache is not None else None
+            if mode == 7:  # h_m <- lambda_m h_m + mu_m h_0; block 0: h_0 <- (lambda_0 + mu_0) h_0
+                x = X0Mix.apply(x, h_0, block.x0_lambdas) if m else block.x0_lambdas.sum() * x
             # attention sublayer: x is h_m
             if mode == 2:  # a_m = mean(h_0..h_m) + Attn(ln_1(h_m))
                 running_sum = running_sum + x
                 x = running_sum / (m + 1) + block.attn(block.ln_1(x), cache)
+            elif mode == 4:  # a_m = sum_i softmax(phi_m)_i h_i + Attn(ln_1(h_m))
+                states.append(x)
+                attn_out = block.attn(block.ln_1(x), cache)
+                x = self.weighted_sum(block.layer_logits, states, softmax=True) + attn_out
             else:  # a_m = h_m + Attn(ln_1(h_m))
                 x = x + block.attn(block.ln_1(x), cache)
             # MLP sublayer: x is a_m
@@ -195,53 +257,122 @@ class GPT(nn.Module):
             if mode == 1:  # h_{m+1} = mean(a_0..a_m) + MLP(ln_2(a_m))
                 running_sum = running_sum + x
                 x = running_sum / (m + 1) + mlp_out
-            elif mode == 3:  # h_{m+1} = sum_i w_{m,i} a_i + MLP(ln_2(a_m))
-                mlp_inputs.append(x)
-                x = self.weighted_sum(block, mlp_inputs) + mlp_out
+            elif mode == 3:  # h_{m+1} = sum_i softmax(theta_m)_i a_i + MLP(ln_2(a_m))
+                states.append(x)
+                x = self.weighted_sum(block.layer_logits, states, softmax=True) + mlp_out
+            elif mode == 5:  # y_{m+1} = a_m + MLP(ln_2(a_m)), x_{m+1} = sum_j alpha_{m,j} y_j
+                states.append(x + mlp_out)
+                x = self.weighted_sum(block.dwa_weights, states)
             else:  # h_{m+1} = a_m + MLP(ln_2(a_m))
                 x = x + mlp_out
         return x
 
+    def attention_residuals(self, x, kv_cache=None):
+        """Mode 6, x: (B, T, C) = h_0 -> z_{2L}. Each source s_i is scored against all 2L+1 queries
+        once, as it arrives, as (s_i Q^T) / rms(s_i): that matmul saves only s_i for backward, which
+        the weighted sums keep anyway, where r(s_i) would be a second copy."""
+        blocks, n = self.transformer.h, 2 * self.config.n_layer
+        queries = torch.stack([q for b in blocks for q in (b.attn_query, b.mlp_query)]
+                              + [self.final_query])  # q_0..q_{2L}: (2L+1, C)
+        record = self.recording_routing and not self.training and not torch.is_grad_enabled()
+        if record:
+            self.routing_count += x.size(0) * x.size(1)
+        sources, scores, s = [], [], x  # s_0..s_k, and q_j . r(s_i) for every j: (B, T, 2L+1) each
+        for k in range(n + 1):
+            sources.append(s)
+            scores.append((s @ queries.T) * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))
+            w = torch.softmax(torch.stack([sc[..., k] for sc in scores], -1), -1)  # (B, T, k+1)
+            if record:
+                self.routing_sums[k, :k + 1] += w.sum((0, 1)).to(self.routing_sums.dtype)
+            z = self.weighted_sum(w, sources)  # z_k
+            if k < n:
+                block = blocks[k // 2]
+                if k % 2 == 0:  # block m's attention
+                    cache = kv_cache[k // 2] if kv_cache is not None else None
+                    s = block.attn(block.ln_1(z), cache)
+                else:  # its MLP
+                    s = block.mlp(block.ln_2(z))
+        return z
+
     @staticmethod
-    def weighted_sum(block, states):
-        """sum_i softmax(theta_m)_i * states[i], one scaled add at a time: stacking the states would
-        materialise an (m+1, B, T, C) tensor per block, and keep it for backward."""
-        if block.layer_logits is None:  # block 0: its only weight is 1
+    def weighted_sum(weights, states, softmax=False):
+        """sum_i weights[..., i] * states[i], weights (n,), or (B, T, n) per position, softmax-ed
+        first if asked; None is the single weight 1. One scaled add at a time: stacking the states
+        would materialise an (n, B, T, C) tensor, and keep it for backward."""
+        if weights is None:
             return states[0]
-        w = torch.softmax(block.layer_logits, dim=0).unbind()  # m+1 scalars
+        weights = torch.softmax(weights, dim=-1) if softmax else weights
+        w = weights.unsqueeze(-1).unbind(-2)  # n weights, each (1,) or (B, T, 1): broadcasts over C
         total = w[0] * states[0]
         for w_i, state in zip(w[1:], states[1:]):
             total = torch.addcmul(total, w_i, state)  # total + w_i * state in one op, no temporary
         return total
 
     def layer_logits(self):
-        """The raw theta_m of every block (the Parameters themselves), None where a block has none."""
+        """The raw theta_m (mode 3) or phi_m (mode 4) of every block (the Parameters themselves),
+        None where a block has none."""
         return [block.layer_logits for block in self.transformer.h]
 
     @torch.no_grad()
     def layer_weights(self):
         """The normalised weights softmax(theta_m) of every block as 1-D float tensors, None where a
         block has no learnable weights."""
-        return [None if t is None else torch.softmax(t.float(), dim=0).cpu() for t in self.layer_logits()]
+        return [None if t is None else t.float().softmax(0).cpu() for t in self.layer_logits()]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, layer_weight_lr_mult=1.0):
-        """AdamW with weight decay on the >= 2-D weights only (matmuls, embeddings). The layer-weight
-        logits get no decay, since decay pulls mode 3 back towards mode 1, and their own learning-rate
-        multiplier. Each group carries 'lr_mult': the training loop sets lr = base lr * lr_mult."""
+    def record_routing(self, on=True):
+        """Mode 6: while on, each forward in eval mode without gradients adds its routing weights
+        to routing_sums (2L+1, 2L+1; row k: z_k's weights over s_0..s_k) and its positions to
+        routing_count; mixing_weights() averages them. Turning it on starts from zero; training
+        never records. Under DDP each rank holds its own sums: all_reduce both before reading."""
+        self.recording_routing = on
+        if on:
+            n, like = 2 * self.config.n_layer + 1, self.lm_head.weight
+            self.routing_sums = torch.zeros(n, n, dtype=like.dtype, device=like.device)
+            self.routing_count = torch.zeros((), dtype=like.dtype, device=like.device)
+
+    @torch.no_grad()
+    def mixing_weights(self):
+        """The learned residual mixing for reports: None in modes 0-2, else {"rows", "raw"}, lists
+        of 1-D float CPU tensors (None where there is nothing); rows[r] is row r of a heatmap.
+        Modes 3, 4: rows[m] = softmax(theta_m) over a_0..a_m / softmax(phi_m) over h_0..h_m,
+        raw[m] the logits (None for block 0). Mode 5: rows[m] = raw[m] = alpha_m over y_0..y_{m+1}.
+        Mode 7: rows[m] = raw[m] = (lambda_m, mu_m). Mode 6: rows[k] = z_k's routing weights over
+        s_0..s_k averaged over the recorded positions (record_routing; row 2L: the head), else
+        None; raw[k] = q_k."""
+        mode, blocks = self.config.residual_mode, self.transformer.h
+
+        def cpu(t):
+            return None if t is None else t.detach().float().cpu()
+        if mode in (3, 4):
+            return {"rows": self.layer_weights(), "raw": [cpu(t) for t in self.layer_logits()]}
+        if mode in (5, 7):
+            raw = [cpu(b.dwa_weights if mode == 5 else b.x0_lambdas) for b in blocks]
+            return {"rows": raw, "raw": raw}
+        if mode == 6:
+            count = 0 if self.routing_count is None else self.routing_count.item()
+            mean = cpu(self.routing_sums / count) if count else None
+            rows = None if mean is None else [row[:k + 1] for k, row in enumerate(mean)]
+            raw = [q for b in blocks for q in (b.attn_query, b.mlp_query)] + [self.final_query]
+            return {"rows": rows, "raw": [cpu(q) for q in raw]}
+        return None
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             mixing_lr_mult=1.0):
+        """AdamW with weight decay on the >= 2-D weights only (matmuls, embeddings). Every mixing
+        parameter (MIXING_PARAMS) goes in one group, "mixing", without decay (it would pull them to
+        zero, away from the mode each starts as) and with its own learning-rate multiplier. Each
+        group has a 'name' and 'lr_mult': the training loop sets lr = base lr * lr_mult."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        logits = [p for name, p in params.items() if name.endswith("layer_logits")]
-        decay = [p for name, p in params.items() if p.dim() >= 2]
-        no_decay = [p for name, p in params.items() if p.dim() < 2 and not name.endswith("layer_logits")]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        ]
-        if logits:
-            groups.append({"params": logits, "weight_decay": 0.0, "lr_mult": layer_weight_lr_mult})
-        for g in groups:
-            g["lr"] = learning_rate * g["lr_mult"]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        mixing = [name for name in params if name.rsplit(".", 1)[-1] in MIXING_PARAMS]
+        rest = [p for name, p in params.items() if name not in mixing]
+        groups = [("decay", [p for p in rest if p.dim() >= 2], weight_decay, 1.0),
+                  ("no_decay", [p for p in rest if p.dim() < 2], 0.0, 1.0),
+                  ("mixing", [params[name] for name in mixing], 0.0, mixing_lr_mult)]
+        groups = [dict(name=name, params=ps, weight_decay=wd, lr_mult=mult, lr=learning_rate * mult)
+                  for name, ps, wd, mult in groups if ps or name != "mixing"]  # no empty "mixing"
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if fused and device_type in ("cuda", "cpu") else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self, seq_len=None):
         """Forward + backward FLOPs per trained token: 6 per matmul weight (2 forward, 4 backward)
@@ -249,8 +380,8 @@ class GPT(nn.Module):
         appendix B. The residual mixing is O(L * C) per token and left out."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        matmul_weights = sum(p.numel() for name, p in self.named_parameters()
-                             if p.dim() == 2 and "wpe" not in name)  # lm_head counted once (tied with wte)
+        matmul_weights = sum(p.numel() for name, p in self.named_parameters()  # lm_head once (tied)
+                             if p.dim() == 2 and "wpe" not in name)
         return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_second, peak_flops, seq_len=None):
@@ -261,12 +392,13 @@ class GPT(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True, generator=None, vocab_size=None):
         """Yields each new token, (B, 1), as soon as it is sampled. idx: (B, T) prompt.
-        vocab_size: sample only ids below it (the tokenizer's vocabulary; the embedding table is padded).
-        temperature 0 is greedy. With use_cache, every step feeds only the newest token and reuses the
-        keys and values of earlier ones (valid in every mode: the mixing runs across depth at one position).
-        Past block_size the context window slides: when it is full, its older half is dropped and the
-        rest is run again from position 0 (the position embeddings are absolute, so the cache cannot be
-        kept). Without the cache the same window is recomputed every step, so both paths agree exactly."""
+        vocab_size: sample only ids below it (the tokenizer's vocabulary; the embedding table is
+        padded). temperature 0 is greedy. With use_cache, every step feeds only the newest token
+        and reuses the keys and values of earlier ones (valid in every mode: the mixing runs across
+        depth at one position). Past block_size the context window slides: when it is full, its
+        older half is dropped and the rest is run again from position 0 (the position embeddings
+        are absolute, so the cache cannot be kept). Without the cache the same window is recomputed
+        every step, so both paths agree exactly."""
         block_size = self.config.block_size
         start = max(0, idx.size(1) - block_size)  # the context window is idx[:, start:]
         kv_cache = None
@@ -279,7 +411,8 @@ class GPT(nn.Module):
             else:
                 kv_cache = [[] for _ in self.transformer.h] if use_cache else None
                 logits, _ = self(idx[:, start:], kv_cache=kv_cache)  # the whole window (prefill)
-            next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
+            next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p,
+                                     generator)
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
@@ -290,7 +423,7 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits: (B, V) -> (B, 1) token ids: greedy at temperature 0, else top-k / nucleus sampling."""
+    """logits: (B, V) -> (B, 1) ids: greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -300,7 +433,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the first token always
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # the first one stays
         logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
@@ -319,9 +452,11 @@ GPU_PEAK_FLOPS = {
 
 @functools.lru_cache(maxsize=None)
 def measure_cpu_matmul_flops(dtype=torch.float32, n=1024, repeats=5):
-    """This CPU's matmul peak in FLOP/s: the best of a few square matmuls at the current thread count."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    """This CPU's matmul peak in FLOP/s: the best of a few square matmuls at this thread count.
+    Own generator: a draw from the global one would shift every later dropout mask of training."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):
@@ -343,3 +478,23 @@ def peak_flops(device, dtype):
             if key in name:
                 return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
     return None
+
+
+def compile_or_eager(model, x, y, autocast):
+    """torch.compile, tried on one real step: compilation is lazy, so a missing compiler or an
+    unsupported platform only shows up then. On failure: a one-line notice, and the eager model."""
+    compiled = torch.compile(model)
+    # the trial step leaves no trace: the same random numbers after it (fork_rng), no gradients
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        try:
+            with autocast:
+                _, loss = compiled(x, y)
+            loss.backward()
+            return compiled
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            print(f"train.py: torch.compile is unavailable here ({type(e).__name__}: {first}); "
+                  "training without it (set compile=false to skip the attempt)", flush=True)
+            return model
+        finally:
+            model.zero_grad(set_to_none=True)

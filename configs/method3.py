@@ -1,30 +1,3 @@
-# Method 3 of the original experiment: method 1 with learned softmax weights instead of the fixed mean.
-# The four method configs differ only in residual_mode (and out_dir). The model is the original's
-# 12 layers, n_embd 768, 12 heads, MLP 2048, here with GPT-2 BPE on the default corpus (the Python
-# standard library, prepared on first use), trained for 5 epochs like the original.
-#   python train.py configs/method3.py                   # a GPU run
-#   python train.py configs/method3.py configs/cpu.py    # the small CPU version
+# Method 3: method 1 with learned softmax weights over the blocks so far, zero logits at init (= method 1).
 residual_mode = 3  # mlp_learned
 out_dir = "out/method3"
-
-dataset = "pystdlib"
-n_layer = 12
-n_head = 12
-n_embd = 768
-mlp_hidden = 2048
-block_size = 1024
-dropout = 0.0
-
-batch_size = 8
-gradient_accumulation_steps = 4  # 32 windows = 32,768 tokens per iteration
-max_epochs = 5.0
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 100
-weight_decay = 0.1
-grad_clip = 1.0
-
-eval_interval = 200
-eval_iters = 20  # 160 fixed validation windows
-log_interval = 10
-ckpt_interval = 200

@@ -79,7 +79,55 @@ def test_paired_interval_by_hand():
 
 def test_one_seed_gives_no_interval():
     d = compare.paired_interval({0: 3.0}, {0: 3.5})
-    assert d["mean"] == pytest.approx(-0.5) and d["low"] is None and d["high"] is None and d["excludes_zero"] is None
+    assert d["mean"] == pytest.approx(-0.5) and d["low"] is None and d["high"] is None
+    assert d["excludes_zero"] is None and d["p"] is None
+
+
+def test_p_value_matches_the_tables():
+    # two-sided p of a t statistic: T_975 holds the points where p = 0.05
+    for df, t in T_975.items():
+        d = {"per_seed": dict.fromkeys(range(df + 1)), "mean": t, "std": math.sqrt(df + 1)}
+        assert compare.p_value(d) == pytest.approx(0.05, abs=2e-4), df
+    # diffs 1, 2, 3: t = 2 / (1 / sqrt 3) = 3.4641 with df 2 -> p = 0.074180 (1 - t_within)
+    d = compare.paired_interval({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert d["p"] == pytest.approx(0.0741799, abs=1e-6)
+    assert compare.p_value({"per_seed": {0: 0, 1: 0}, "mean": 0.0, "std": 0.0}) == 1.0
+
+
+def test_holm_by_hand():
+    # sorted: 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, raised to 0.06 by monotonicity)
+    adjusted, confidence = compare.holm([0.01, 0.04, 0.03])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06])
+    # Holm rejects rank 1 only (0.03 < 0.05 <= 0.06): j* = 2, so ranks 2 and 3 share 1 - 0.05/2
+    assert confidence == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 1 - 0.05 / 2])
+    adjusted, confidence = compare.holm([0.004, 0.02, 0.012])  # all rejected: 0.012, 0.024, 0.02
+    assert adjusted == pytest.approx([0.012, 0.024, 0.024])
+    assert confidence == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 1, 1 - 0.05 / 2])
+    assert compare.holm([0.5, 0.9]) == (pytest.approx([1.0, 1.0]), pytest.approx([0.975, 0.975]))
+    assert compare.holm([0.03]) == ([0.03], [0.95])  # one comparison: nothing to correct
+    assert compare.holm([]) == ([], [])
+
+
+def test_holm_interval_excludes_zero_iff_holm_rejects():
+    """Synthetic families of three comparisons, from clear to none: the adjusted interval and the
+    adjusted p-value must agree, the adjusted interval is never narrower than the raw one, and
+    Holm sometimes keeps a difference that the raw interval would claim."""
+    rng = random.Random(1)
+    base = {s: 3.0 + rng.gauss(0, 0.05) for s in range(4)}
+    kept_by_holm = 0
+    for trial in range(300):
+        family = []
+        for _ in range(3):
+            shift = rng.choice([0.0, 0.02, 0.05, 0.1])
+            other = {s: v + shift + rng.gauss(0, 0.03) for s, v in base.items()}
+            family.append(compare.paired_interval(other, base))
+        compare.adjust_family(family)
+        for d in family:
+            h = d["holm"]
+            assert h["excludes_zero"] == (h["p"] < 0.05), (trial, d)
+            assert h["p"] >= d["p"] and h["low"] <= d["low"] and h["high"] >= d["high"]
+            kept_by_holm += d["excludes_zero"] and not h["excludes_zero"]
+    assert kept_by_holm > 0
 
 
 # -----------------------------------------------------------------------------
@@ -137,6 +185,11 @@ def test_summary_of_synthetic_runs(tmp_path):
     assert (p["mean"], p["low"], p["high"]) == pytest.approx(
         (statistics.mean(diffs), statistics.mean(diffs) - half, statistics.mean(diffs) + half), abs=1e-3)
     assert [c["holds"] for c in s["original_claims"]] == [True, True, True]
+    # Holm within each family: 3 comparisons against the baseline, and the 3 original claims
+    for family in (list(s["paired"].values()), s["original_claims"]):
+        adjusted, _ = compare.holm([d["p"] for d in family])
+        assert [d["holm"]["p"] for d in family] == pytest.approx(adjusted)
+        assert len(family) == 3 and min(adjusted) == pytest.approx(3 * min(d["p"] for d in family))
     assert s["budgets"] == [(20, 2000)]
     # the learned weights: the mean over seeds of each block's row, read independently from the files
     rows = [json.load(open(os.path.join(r["out_dir"], "layer_weights.json")))["layers"] for r in runs if r["mode"] == 3]
@@ -149,6 +202,12 @@ def test_summary_of_synthetic_runs(tmp_path):
     assert "**held**" in text
     assert f"| 2 | attn_mean | 3 | {statistics.mean(losses[2]):.4f} ± {statistics.stdev(losses[2]):.4f} |" in text
     assert "1 (mlp_mean) > 0 (standard)" in text and "| 2 | +0.2000 | +0.1400 | +0.2500 | +0.1967 |" in text
+    header = next(line for line in text.splitlines() if line.startswith("| mode | seed 0"))
+    for column in ("raw 95% interval", "raw p", "Holm p", "Holm interval"):
+        assert column in header
+    assert "rests on the Holm-adjusted" in text and "Holm's correction within these 3" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | +0.2000"))
+    assert f"| {compare.fmt_p(p['p'])} | {compare.fmt_p(p['holm']['p'])} |" in row
     json.dumps(s, allow_nan=False)  # valid JSON: no NaN anywhere
 
 
@@ -177,8 +236,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch):
     cases = [(["cfg.py", "--max_iter=5"], "did you mean 'max_iters'"),
              (["cfg.py", "--seed=3"], "use --seeds"),
              (["cfg.py", "--modes=0,1", "--baseline=2"], "--baseline 2 is not among"),
-             (["cfg.py", "--modes=0,7"], "unknown residual_mode"),
-             (["cfg.py", "--parallel=2", "--gpus=0,1"], "not both"),
+             (["cfg.py", "--modes=0,9"], "unknown residual_mode"),
+             (["cfg.py", "--parallel=2", "--gpus=0,1"], "not allowed with"),
              (["missing.py"], "config file 'missing.py' not found"),
              (["cfg.py", "--seeds=two"], "invalid int value")]
     for argv, needle in cases:
@@ -223,6 +282,7 @@ n_embd = 32
 block_size = 32
 batch_size = 4
 gradient_accumulation_steps = 1
+max_epochs = 0.0  # the budget is max_iters
 max_iters = 80
 warmup_iters = 5
 eval_interval = 20
@@ -314,6 +374,8 @@ def test_killed_sweep_resumes_and_summaries_match_the_runs(tmp_path):
     half = T_975[1] * statistics.stdev(diffs) / math.sqrt(2)
     assert p["per_seed"] == pytest.approx({"0": diffs[0], "1": diffs[1]}, rel=1e-9)
     assert (p["low"], p["high"]) == pytest.approx((statistics.mean(diffs) - half, statistics.mean(diffs) + half), rel=1e-3)
+    # one comparison against the baseline: Holm changes nothing
+    assert p["holm"]["p"] == p["p"] and p["holm"]["low"] == pytest.approx(p["low"])
     weights = [json.load(open(os.path.join(runs[f"mode3_seed{s}"], "layer_weights.json")))["layers"][2]["normalized"]
                for s in (0, 1)]
     assert summary["modes"]["3"]["layer_weights"]["mean"][2] == pytest.approx(np.mean(weights, axis=0).tolist(), rel=1e-9)

@@ -1,14 +1,16 @@
-"""model.py against an independent, straightforward reference: explicit lists of states, explicit means
-and softmaxes, attention written out with a mask. Float64 so that equality can be tight."""
+"""model.py against an independent, straightforward reference: explicit lists of states, explicit
+means and softmaxes, attention written out with a mask. Float64 so that equality can be tight."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, RESIDUAL_MODES, parse_residual_mode
+from model import GPT, GPTConfig, MODE_NAMES, RESIDUAL_MODES, parse_residual_mode
 
-MODES = [0, 1, 2, 3]
+MODES = list(range(8))
+LEARNED = [3, 4, 5, 6, 7]  # the modes with mixing parameters, named (spelled out, not model.py's):
+MIXING = ("layer_logits", "dwa_weights", "attn_query", "mlp_query", "final_query", "x0_lambdas")
 
 
 def tiny_config(mode, **kw):
@@ -18,18 +20,31 @@ def tiny_config(mode, **kw):
     return GPTConfig(**args)
 
 
-def make_model(mode, seed=0, random_logits=True, **kw):
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(mode, **kw)).double().eval()
-    if random_logits:
-        with torch.no_grad():
-            for t in model.layer_logits():
-                if t is not None:
-                    t.normal_(0, 1.5)
+def mixing_params(model):
+    return {name: p for name, p in model.named_parameters()
+            if name.rsplit(".", 1)[-1] in MIXING}
+
+
+def perturb_mixing(model, std=0.7, seed=11):
+    """Random mixing parameters around their init: softmax logits, alphas, queries, lambdas."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mixing_params(model).values():
+            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
 
-# ---------------------------------------------------------------- the reference, written from the equations
+def make_model(mode, seed=0, random_mixing=True, **kw):
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(mode, **kw)).double().eval()
+    return perturb_mixing(model) if random_mixing else model
+
+
+def tokens(shape, seed):
+    return torch.randint(0, 37, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------- the reference, written from the equations
 
 def ref_layer_norm(x, ln):
     mu = x.mean(-1, keepdim=True)
@@ -59,41 +74,89 @@ def ref_mlp(x, mlp):
     return hid @ mlp.c_proj.weight.T + mlp.c_proj.bias
 
 
+def ref_f_attn(block, x, n_head):  # Attn(ln_1(x))
+    return ref_attention(ref_layer_norm(x, block.ln_1), block.attn, n_head)
+
+
+def ref_f_mlp(block, x):  # MLP(ln_2(x))
+    return ref_mlp(ref_layer_norm(x, block.ln_2), block.mlp)
+
+
+def ref_softmax(theta):
+    return torch.exp(theta) / torch.exp(theta).sum()
+
+
+def ref_embed(model, idx):
+    return model.transformer.wte.weight[idx] + model.transformer.wpe.weight[:idx.size(1)]  # h_0
+
+
+def ref_head(model, h):
+    return ref_layer_norm(h, model.transformer.ln_f) @ model.transformer.wte.weight.T
+
+
 def reference_logits(model, idx):
     cfg = model.config
-    T = idx.size(1)
-    h = model.transformer.wte.weight[idx] + model.transformer.wpe.weight[:T]  # h_0
-    hs, as_ = [], []  # h_0..h_m (attention inputs), a_0..a_m (MLP inputs)
+    if cfg.residual_mode == 6:
+        return reference_attn_res(model, idx)[0]
+    h0 = h = ref_embed(model, idx)
+    hs, as_, ys = [], [], [h0]  # h_0..h_m (attention inputs), a_0..a_m (MLP inputs), y_0..y_{m+1}
     for m, block in enumerate(model.transformer.h):
+        if cfg.residual_mode == 7:
+            lam, mu = block.x0_lambdas.detach()
+            h = lam * h + mu * h0
         hs.append(h)
-        attn_out = ref_attention(ref_layer_norm(h, block.ln_1), block.attn, cfg.n_head)
+        attn_out = ref_f_attn(block, h, cfg.n_head)
         if cfg.residual_mode == 2:
             a = torch.stack(hs).mean(0) + attn_out
+        elif cfg.residual_mode == 4:
+            u = ref_softmax(block.layer_logits.detach()) if m else torch.ones(1, dtype=h.dtype)
+            a = sum(u[i] * hs[i] for i in range(m + 1)) + attn_out
         else:
             a = h + attn_out
         as_.append(a)
-        mlp_out = ref_mlp(ref_layer_norm(a, block.ln_2), block.mlp)
+        mlp_out = ref_f_mlp(block, a)
         if cfg.residual_mode == 1:
             h = torch.stack(as_).mean(0) + mlp_out
         elif cfg.residual_mode == 3:
-            if m == 0:
-                w = torch.ones(1, dtype=a.dtype)
-            else:
-                theta = block.layer_logits.detach()
-                w = torch.exp(theta) / torch.exp(theta).sum()
+            w = ref_softmax(block.layer_logits.detach()) if m else torch.ones(1, dtype=a.dtype)
             h = sum(w[i] * as_[i] for i in range(m + 1)) + mlp_out
+        elif cfg.residual_mode == 5:
+            ys.append(a + mlp_out)
+            alpha = block.dwa_weights.detach()
+            assert alpha.shape == (m + 2,)
+            h = sum(alpha[j] * ys[j] for j in range(m + 2))
         else:
             h = a + mlp_out
-    h = ref_layer_norm(h, model.transformer.ln_f)
-    return h @ model.transformer.wte.weight.T
+    return ref_head(model, h)
 
 
-# ---------------------------------------------------------------- tests
+def reference_attn_res(model, idx, plain_mean=False):
+    """Mode 6 from its equations: logits, and the weights of z_0..z_{2L}, (B, T, k+1) each."""
+    blocks, n_head = model.transformer.h, model.config.n_head
+    queries = [q for b in blocks for q in (b.attn_query, b.mlp_query)] + [model.final_query]
+    queries = [q.detach() for q in queries]
+    sources, weights = [ref_embed(model, idx)], []
+    for k, q in enumerate(queries):
+        r = [s / torch.sqrt((s ** 2).mean(-1, keepdim=True) + 1e-6) for s in sources]
+        logits = torch.stack([(r_i * q).sum(-1) for r_i in r], dim=-1)  # (B, T, k+1)
+        w = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+        weights.append(w)
+        if plain_mean:
+            z = torch.stack(sources).mean(0)
+        else:
+            z = sum(w[..., i:i + 1] * s for i, s in enumerate(sources))
+        if k < 2 * len(blocks):
+            block = blocks[k // 2]
+            sources.append(ref_f_attn(block, z, n_head) if k % 2 == 0 else ref_f_mlp(block, z))
+    return ref_head(model, z), weights
+
+
+# ------------------------------------------------------- tests
 
 @pytest.mark.parametrize("mode", MODES)
 def test_logits_match_reference(mode):
     model = make_model(mode)
-    idx = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    idx = tokens((3, 11), 1)
     with torch.no_grad():
         logits, _ = model(idx)
         expected = reference_logits(model, idx)
@@ -103,26 +166,38 @@ def test_logits_match_reference(mode):
 
 def test_modes_really_differ():
     """Guards the reference test against a model that ignores the switch."""
-    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(2))
+    idx = tokens((2, 9), 2)
     outs = [make_model(mode)(idx)[0] for mode in MODES]
     for i in range(len(MODES)):
         for j in range(i + 1, len(MODES)):
             assert (outs[i] - outs[j]).abs().max().item() > 1e-4, (i, j)
 
 
-def test_mode3_at_init_equals_mode1():
-    idx = torch.randint(0, 37, (2, 13), generator=torch.Generator().manual_seed(3))
-    m1 = make_model(1, seed=5, random_logits=False)
-    m3 = make_model(3, seed=5, random_logits=False)
-    assert all(t is None or torch.all(t == 0) for t in m3.layer_logits())
+@pytest.mark.parametrize("mode, base", [(3, 1), (4, 2), (5, 0), (7, 0)])
+def test_learned_mode_at_init_equals_its_base(mode, base):
+    idx = tokens((2, 13), 3)
+    plain = make_model(base, seed=5, random_mixing=False)
+    learned = make_model(mode, seed=5, random_mixing=False)
     with torch.no_grad():
-        assert (m1(idx)[0] - m3(idx)[0]).abs().max().item() < 1e-12
+        assert (plain(idx)[0] - learned(idx)[0]).abs().max().item() < 1e-12
+        perturb_mixing(learned)  # and the mixing parameters really are used
+        assert (plain(idx)[0] - learned(idx)[0]).abs().max().item() > 1e-6
 
 
-@pytest.mark.parametrize("mode", [1, 3])
+def test_mode6_zero_queries_route_the_plain_mean():
+    model = make_model(6, random_mixing=False)
+    assert all(torch.all(p == 0) for p in mixing_params(model).values())
+    idx = tokens((2, 10), 4)
+    with torch.no_grad():
+        logits, _ = model(idx)
+        expected, _ = reference_attn_res(model, idx, plain_mean=True)
+    assert (logits - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("mode", [1, 3, 4])
 def test_block0_is_standard_residual(mode):
-    """With one block, modes 1 and 3 must be exactly the standard residual."""
-    idx = torch.randint(0, 37, (2, 7), generator=torch.Generator().manual_seed(4))
+    """With one block, modes 1, 3 and 4 must be exactly the standard residual."""
+    idx = tokens((2, 7), 4)
     std = make_model(0, seed=6, n_layer=1)
     other = make_model(mode, seed=6, n_layer=1)
     assert other.layer_logits() == [None]
@@ -133,27 +208,28 @@ def test_block0_is_standard_residual(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_causality(mode):
     model = make_model(mode)
-    g = torch.Generator().manual_seed(7)
-    idx = torch.randint(0, 37, (2, 12), generator=g)
+    idx = tokens((2, 12), 7)
     changed = idx.clone()
-    changed[:, 8:] = torch.randint(0, 37, (2, 4), generator=g)
+    changed[:, 8:] = tokens((2, 4), 17)
     with torch.no_grad():
         a, b = model(idx)[0], model(changed)[0]
     assert torch.equal(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
-def test_gradients_reach_every_layer_logit():
-    model = make_model(3)
-    idx = torch.randint(0, 37, (2, 10), generator=torch.Generator().manual_seed(8))
+@pytest.mark.parametrize("mode", LEARNED)
+def test_gradients_reach_every_mixing_parameter(mode):
+    model = make_model(mode)
+    idx = tokens((2, 10), 8)
     _, loss = model(idx, targets=idx.roll(-1, dims=1))
     loss.backward()
-    for m, theta in enumerate(model.layer_logits()):
-        if m == 0:
-            assert theta is None
+    params = mixing_params(model)
+    assert params
+    for name, p in params.items():
+        if name == "transformer.h.0.attn_query":  # q_0 weighs z_0's one source, s_0: weight 1
+            assert torch.all(p.grad == 0)
             continue
-        assert theta.grad is not None and theta.grad.shape == (m + 1,)
-        assert torch.all(theta.grad != 0), (m, theta.grad)
+        assert p.grad is not None and torch.all(p.grad != 0), (name, p.grad)
 
 
 def test_layer_weights_shape_and_sum():
@@ -168,36 +244,79 @@ def test_layer_weights_shape_and_sum():
     assert make_model(1).layer_weights() == [None] * 4
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_mixing_weights(mode):
+    model = make_model(mode)
+    mix = model.mixing_weights()
+    if mode < 3:
+        assert mix is None
+        return
+    L, C = 4, 16
+    if mode in (3, 4):
+        assert mix["rows"][0] is None and mix["raw"][0] is None
+        for m in range(1, L):
+            assert torch.allclose(mix["rows"][m], torch.softmax(mix["raw"][m], 0))
+            assert torch.equal(mix["raw"][m], model.transformer.h[m].layer_logits.detach().float())
+    elif mode == 6:
+        assert mix["rows"] is None  # nothing recorded
+        assert [tuple(q.shape) for q in mix["raw"]] == [(C,)] * (2 * L + 1)
+        assert torch.equal(mix["raw"][-1], model.final_query.detach().float())
+        assert torch.equal(mix["raw"][3], model.transformer.h[1].mlp_query.detach().float())
+    else:
+        name = "dwa_weights" if mode == 5 else "x0_lambdas"
+        shapes = [(m + 2,) if mode == 5 else (2,) for m in range(L)]
+        assert [tuple(r.shape) for r in mix["rows"]] == shapes
+        for m, block in enumerate(model.transformer.h):
+            assert torch.equal(mix["rows"][m], getattr(block, name).detach().float())
+
+
 @pytest.mark.parametrize("n_layer", [1, 4, 12])
-def test_mode3_parameter_count(n_layer):
-    m1 = GPT(tiny_config(1, n_layer=n_layer))
-    m3 = GPT(tiny_config(3, n_layer=n_layer))
-    extra = m3.num_params() - m1.num_params()
-    assert extra == n_layer * (n_layer + 1) // 2 - 1  # 77 at 12 layers
+@pytest.mark.parametrize("mode", LEARNED)
+def test_mixing_parameter_count(mode, n_layer):
+    L, C = n_layer, 16
+    expected = {3: L * (L + 1) // 2 - 1, 4: L * (L + 1) // 2 - 1, 5: L * (L + 3) // 2,
+                6: (2 * L + 1) * C, 7: 2 * L}[mode]  # 77, 77, 90, 25 C, 24 at 12 layers
+    plain = GPT(tiny_config(0, n_layer=n_layer))
+    learned = GPT(tiny_config(mode, n_layer=n_layer))
+    assert learned.num_params() - plain.num_params() == expected
+    assert sum(p.numel() for p in mixing_params(learned).values()) == expected
 
 
-@pytest.mark.parametrize("bad", [4, -1, "mean", 1.5, None, True])
+@pytest.mark.parametrize("bad", [8, -1, "mean", 1.5, None, True])
 def test_unknown_mode_raises(bad):
     with pytest.raises(ValueError, match="valid values"):
         GPTConfig(residual_mode=bad)
 
 
 def test_mode_names():
-    assert [parse_residual_mode(n) for n in RESIDUAL_MODES] == [0, 1, 2, 3]
-    assert parse_residual_mode("3") == 3
+    assert [parse_residual_mode(n) for n in RESIDUAL_MODES] == MODES
+    assert [MODE_NAMES[i] for i in MODES] == ["standard", "mlp_mean", "attn_mean", "mlp_learned",
+                                              "attn_learned", "dwa", "attn_res", "x0_mix"]
+    assert parse_residual_mode("3") == 3 and parse_residual_mode(" 7") == 7
     assert GPTConfig(residual_mode="mlp_learned").residual_mode == 3
+    assert GPTConfig(residual_mode="attn_res").residual_mode == 6
 
 
-def test_optimizer_groups():
-    model = make_model(3)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", layer_weight_lr_mult=10.0)
-    decay, no_decay, logits = opt.param_groups
+@pytest.mark.parametrize("mode", MODES)
+def test_optimizer_groups(mode):
+    model = make_model(mode)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", mixing_lr_mult=10.0)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["decay", "no_decay"] + (["mixing"] if mode in LEARNED else [])
+    decay, no_decay = groups["decay"], groups["no_decay"]
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
-    assert logits["weight_decay"] == 0.0 and logits["lr"] == pytest.approx(1e-2)
-    assert {id(p) for p in logits["params"]} == {id(t) for t in model.layer_logits() if t is not None}
-    n_grouped = sum(len(g["params"]) for g in opt.param_groups)
-    assert n_grouped == len(list(model.parameters()))  # every parameter exactly once (tied counted once)
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(1e-3)
+    if mode in LEARNED:
+        mixing = groups["mixing"]
+        assert mixing["weight_decay"] == 0.0 and mixing["lr_mult"] == 10.0
+        assert mixing["lr"] == pytest.approx(1e-2)
+        assert [id(p) for p in mixing["params"]] == [id(p) for p in mixing_params(model).values()]
+    if mode in (3, 4):
+        logits = {id(t) for t in model.layer_logits() if t is not None}
+        assert {id(p) for p in groups["mixing"]["params"]} == logits
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once (tied: once)
 
 
 def test_flops_per_token_by_hand():
@@ -208,11 +327,109 @@ def test_flops_per_token_by_hand():
     assert model.estimate_mfu(1000.0, 1e9) == pytest.approx(1000.0 * model.flops_per_token() / 1e9)
 
 
+# ------------------------------------------------------- mode 6's routing record
+
+def test_routing_record_is_the_mean_of_the_weights():
+    model = make_model(6)
+    batches = [tokens((2, 9), 20), tokens((3, 5), 21)]
+    model.record_routing()
+    with torch.no_grad():
+        for idx in batches:
+            model(idx)
+    n = 2 * 4 + 1
+    assert model.routing_count.item() == 2 * 9 + 3 * 5
+    by_hand = torch.zeros(n, n, dtype=torch.float64)
+    for idx in batches:
+        for k, w in enumerate(reference_attn_res(model, idx)[1]):  # (B, T, k+1)
+            by_hand[k, :k + 1] += w.sum((0, 1))
+    by_hand /= 2 * 9 + 3 * 5
+    mean = model.routing_sums / model.routing_count
+    assert (mean - by_hand).abs().max().item() < 1e-12
+    assert torch.equal(mean, mean.tril())  # z_k sees s_0..s_k only
+    assert (mean.sum(1) - 1).abs().max().item() < 1e-12
+    assert mean.diagonal().min().item() > 0
+    assert (mean.tril() - 1 / n).abs().max().item() > 0.05  # the queries matter: not uniform
+    rows = model.mixing_weights()["rows"]
+    assert [len(r) for r in rows] == list(range(1, n + 1))
+    assert all(torch.allclose(r, mean[k, :k + 1].float()) for k, r in enumerate(rows))
+
+
+def test_routing_record_only_when_asked_and_only_in_eval_without_grad():
+    model = make_model(6)
+    idx = tokens((2, 6), 22)
+    model(idx)  # not recording: nothing allocated
+    assert model.routing_sums is None and model.mixing_weights()["rows"] is None
+    model.record_routing()
+    model(idx)  # gradients on
+    model.train()
+    with torch.no_grad():
+        model(idx)  # training mode
+    assert model.routing_count.item() == 0 and torch.all(model.routing_sums == 0)
+    model.eval()
+    with torch.no_grad():
+        model(idx)
+        assert model.routing_count.item() == 12
+        model.record_routing(False)
+        model(idx)
+    assert model.routing_count.item() == 12  # stopped, and still readable
+    assert model.mixing_weights()["rows"] is not None
+    model.record_routing()  # starting again starts from zero
+    assert model.routing_count.item() == 0
+
+
+def test_zero_queries_route_uniformly():
+    model = make_model(6, random_mixing=False)
+    model.record_routing()
+    with torch.no_grad():
+        model(tokens((2, 5), 23))
+    for k, row in enumerate(model.mixing_weights()["rows"]):
+        assert torch.allclose(row, torch.full((k + 1,), 1 / (k + 1)))
+
+
+# ------------------------------------------------------- generation: the cache, across depth mixing
+
+def sharp_model(mode):
+    """Larger weights than the init: sharper, more varied predictions. Not the token embeddings:
+    tied to the head, large ones make greedy decoding repeat the last token."""
+    model = make_model(mode, n_layer=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name:
+                p.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_logits_equal_full_forward(mode):
+    """Prefill 5 positions, then 2 at once (the masked path), then one at a time."""
+    model = sharp_model(mode)
+    idx = tokens((2, 12), 1)
+    cache = [[] for _ in range(3)]
+    chunks = [(0, 5), (5, 7)] + [(t, t + 1) for t in range(7, 12)]
+    with torch.no_grad():
+        full, _ = model(idx)
+        cached = torch.cat([model(idx[:, a:b], kv_cache=cache)[0] for a, b in chunks], dim=1)
+    assert cache[0][0].size(2) == 12
+    assert (cached - full).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_with_cache_equals_without_past_block_size(mode):
+    model = sharp_model(mode)
+    prompt = tokens((2, 5), 2)
+    cached = model.generate(prompt, 40, temperature=0, use_cache=True)  # 45 tokens > block_size 16
+    uncached = model.generate(prompt, 40, temperature=0, use_cache=False)
+    assert cached.shape == (2, 45) and torch.equal(cached, uncached)
+    assert len(set(cached[0, 5:].tolist())) > 4  # not one token repeated
+
+
+# ------------------------------------------------------- precision and compilation
+
 @pytest.mark.parametrize("mode", MODES)
 def test_autocast_bf16_close_to_fp32(mode):
     torch.manual_seed(0)
-    model = GPT(tiny_config(mode)).eval()
-    idx = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(9))
+    model = perturb_mixing(GPT(tiny_config(mode)).eval())
+    idx = tokens((2, 12), 9)
     with torch.no_grad():
         ref, _ = model(idx)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -224,16 +441,51 @@ def test_autocast_bf16_close_to_fp32(mode):
 def test_compiled_loss_equals_eager(mode):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(tiny_config(mode, n_layer=3))
-    with torch.no_grad():
-        for t in model.layer_logits():
-            if t is not None:
-                t.normal_()
-    idx = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(10))
+    model = perturb_mixing(GPT(tiny_config(mode, n_layer=3)))
+    idx = tokens((2, 16), 10)
     targets = idx.roll(-1, dims=1)
     _, eager_loss = model(idx, targets)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: the mixing must not break the graph
+    compiled = torch.compile(model, fullgraph=True)  # the mixing must not break the graph
     _, compiled_loss = compiled(idx, targets)
     assert abs(compiled_loss.item() - eager_loss.item()) < 1e-4
     compiled_loss.backward()  # the compiled backward runs too
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compiled_routing_record_equals_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = perturb_mixing(GPT(tiny_config(6, n_layer=2))).eval()
+    idx = tokens((2, 16), 12)
+    sums = []
+    for m in (model, torch.compile(model, fullgraph=True)):
+        model.record_routing()
+        with torch.no_grad():
+            m(idx)
+            m(idx)
+        assert model.routing_count.item() == 64
+        sums.append(model.routing_sums.clone())
+    assert torch.allclose(sums[0], sums[1], atol=1e-4)
+
+
+def test_mode7_gradients_equal_plain_autograd():
+    """X0Mix recovers h from its output in backward: the gradients must be autograd's own."""
+    model = make_model(7)
+    idx = tokens((2, 10), 13)
+    _, loss = model(idx, targets=idx.roll(-1, dims=1))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    def plain_forward_blocks(x, kv_cache=None):  # mode 0's wiring, with the mix written out
+        h_0 = x
+        for block in model.transformer.h:
+            lam, mu = block.x0_lambdas.unbind()
+            x = lam * x + mu * h_0
+            x = x + block.attn(block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x))
+        return x
+    model.forward_blocks = plain_forward_blocks
+    _, plain_loss = model(idx, targets=idx.roll(-1, dims=1))
+    plain = torch.autograd.grad(plain_loss, list(model.parameters()))
+    assert abs(loss.item() - plain_loss.item()) < 1e-12
+    for g, p in zip(grads, plain):
+        assert (g - p).abs().max().item() < 1e-10 * max(1.0, p.abs().max().item())

@@ -1,6 +1,6 @@
 """
-prepare.py: text -> llm.c shards -> text, checked against independent references (tiktoken itself,
-struct-parsed headers, a re-implemented split rule), on tiny corpora in tmp_path.
+prepare.py and shards.py: text -> llm.c shards -> text, checked against independent references
+(tiktoken itself, struct-parsed headers, a re-implemented split rule), on tiny corpora in tmp_path.
 """
 import functools
 import gzip
@@ -14,11 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 
 import prepare
+import shards
+import sources
 from prepare import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +49,7 @@ def in_val(text, val_fraction):
 
 
 def read_shard(file):
-    """An llm.c shard parsed with struct, independently of prepare.py's reader."""
+    """An llm.c shard parsed with struct, independently of shards.py's reader."""
     with open(file, "rb") as f:
         raw = f.read()
     header = struct.unpack("<256i", raw[:1024])
@@ -107,7 +110,7 @@ def test_round_trip_restores_documents_and_eots(tmp_path, tokenizer):
     path = prepare.prepare([corpus], tokenizer=tokenizer, data_dir=tmp_path / "data", val_fraction=0.3,
                            shard_tokens=97, workers=1, quiet=True)  # tiny shards: documents span shards
     assert os.path.basename(path) == ("corpus" if tokenizer == "gpt2" else "corpus_byte")
-    meta = prepare.read_meta(path)
+    meta = shards.read_meta(path)
     tok = prepare.get_tokenizer(tokenizer)
     decode = decoder(tokenizer)
     if tokenizer == "gpt2":
@@ -127,7 +130,7 @@ def test_round_trip_restores_documents_and_eots(tmp_path, tokenizer):
         assert meta["splits"][split]["tokens"] == len(tokens)
         assert len(meta["splits"][split]["shards"]) == -(-len(tokens) // 97)
         # the reader gives the same tokens, and its tokenizer decodes them back
-        from_reader = np.concatenate(prepare.open_split(path, split, meta))
+        from_reader = np.concatenate(shards.open_split(path, split, meta))
         assert np.array_equal(from_reader, tokens)
         assert tok.decode(from_reader.tolist()) == "".join("<|endoftext|>" + d for d in expected)
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == (
@@ -188,7 +191,7 @@ def test_invalid_utf8_is_replaced_and_counted_and_empty_files_skipped(tmp_path, 
         f.write(b"good \xff\xfe bytes \xe2\x82 end")  # 2 + 2 invalid bytes, in 2 runs
     open(os.path.join(corpus, "empty.txt"), "w").close()
     path = prepare.prepare([corpus], tokenizer="byte", data_dir=tmp_path, val_fraction=0.3, workers=1)
-    meta = prepare.read_meta(path)
+    meta = shards.read_meta(path)
     assert meta["invalid_utf8_bytes_replaced"] == 4 and meta["documents_with_invalid_utf8"] == 1
     assert meta["empty_documents_skipped"] == 1
     assert meta["documents"] == len(DOCS) + 1
@@ -216,7 +219,7 @@ def test_jsonl_and_gz_sources(tmp_path):
     path = prepare.prepare(sources, name="mix", tokenizer="byte", data_dir=tmp_path / "d",
                            val_fraction=0.3, workers=2, quiet=True)
     expected = DOCS[:20] + [DOCS[25], "bad \ufffd\ufffd bytes", "lone \ufffd surrogate"]
-    meta = prepare.read_meta(path)
+    meta = shards.read_meta(path)
     assert (meta["invalid_utf8_bytes_replaced"], meta["documents_with_invalid_utf8"]) == (3, 2)
     for split in ("train", "val"):
         got = [bytes(ids).decode() for ids in documents_of(split_tokens(path, split), 256)]
@@ -229,7 +232,7 @@ def test_folder_and_glob_sources_read_files_in_sorted_order(tmp_path):
     write_docs(folder / "sub", DOCS[:3])
     write_docs(folder, DOCS[3:6])
     (folder / ".hidden").write_text("never read")
-    entries, described, total = prepare.resolve_sources([str(folder / "*.txt"), str(folder)])
+    entries, described, total = sources.resolve_sources([str(folder / "*.txt"), str(folder)])
     top = [str(folder / f"doc{i:03d}.txt") for i in range(3)]
     sub = [str(folder / "sub" / f"doc{i:03d}.txt") for i in range(3)]
     assert [where for _, where in entries] == top + top + sub  # the glob is top-level only; hidden files skipped
@@ -268,10 +271,10 @@ def test_shakespeare_download_checks_sha256_and_offline_message(tmp_path, monkey
     monkeypatch.setenv("no_proxy", "*")
     base, server = serve(site)
     try:
-        monkeypatch.setattr(prepare, "SHAKESPEARE_URL", f"{base}/input.txt")
+        monkeypatch.setattr(sources, "SHAKESPEARE_URL", f"{base}/input.txt")
         with pytest.raises(DataError, match="SHA-256"):  # the real checksum does not match this text
             prepare.prepare(["shakespeare"], tokenizer="byte", data_dir=tmp_path / "d", workers=1, quiet=True)
-        monkeypatch.setattr(prepare, "SHAKESPEARE_SHA256", hashlib.sha256(text).hexdigest())
+        monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(text).hexdigest())
         path = prepare.prepare(["shakespeare"], tokenizer="byte", data_dir=tmp_path / "d", val_fraction=0.2,
                                workers=1, quiet=True)
     finally:
@@ -281,7 +284,7 @@ def test_shakespeare_download_checks_sha256_and_offline_message(tmp_path, monkey
     got = [bytes(ids).decode() for s in ("train", "val") for ids in documents_of(split_tokens(path, s), 256)]
     assert sorted(got) == sorted(passages) and len(passages) == 63
     # offline (any network error): one line that points to the offline corpus
-    monkeypatch.setattr(prepare, "SHAKESPEARE_URL", "https://example.invalid/input.txt")
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", "https://example.invalid/input.txt")
     monkeypatch.delenv("no_proxy")
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens there: as good as offline
     message = run_cli("shakespeare", "--data-dir", tmp_path / "e", "--quiet")
@@ -293,7 +296,7 @@ def test_shakespeare_download_checks_sha256_and_offline_message(tmp_path, monkey
 def test_pystdlib_default_corpus(tmp_path):
     import platform
     import sysconfig
-    entries, described, total = prepare.resolve_sources(["pystdlib"])
+    entries, described, total = sources.resolve_sources(["pystdlib"])
     files = [where for _, where in entries]
     root = sysconfig.get_paths()["stdlib"]
     assert files == sorted(files) and len(files) > 500
@@ -303,7 +306,7 @@ def test_pystdlib_default_corpus(tmp_path):
     assert total == sum(os.path.getsize(f) for f in files)
     path = prepare.prepare([], tokenizer="byte", data_dir=tmp_path, workers=2, quiet=True)
     assert os.path.basename(path) == "pystdlib_byte"
-    meta = prepare.read_meta(path)
+    meta = shards.read_meta(path)
     texts = [open(f, "rb").read().decode("utf-8", "replace") for f in files]
     texts = [t for t in texts if t]
     assert meta["documents"] == len(texts)
@@ -314,14 +317,14 @@ def test_pystdlib_default_corpus(tmp_path):
 
 
 def test_default_names_and_builtin_datasets():
-    assert prepare.dataset_name([], "gpt2") == "pystdlib"
-    assert prepare.dataset_name(["pystdlib"], "byte") == "pystdlib_byte"
-    assert prepare.dataset_name(["shakespeare"], "byte") == "shakespeare_byte"
-    assert prepare.dataset_name(["some/dir/books.jsonl.gz"], "gpt2") == "books"
-    assert prepare.dataset_name(["https://host/x/web.txt"], "byte") == "web_byte"
-    assert prepare.dataset_name(["texts/"], "gpt2") == "texts"
+    assert sources.dataset_name([], "gpt2") == "pystdlib"
+    assert sources.dataset_name(["pystdlib"], "byte") == "pystdlib_byte"
+    assert sources.dataset_name(["shakespeare"], "byte") == "shakespeare_byte"
+    assert sources.dataset_name(["some/dir/books.jsonl.gz"], "gpt2") == "books"
+    assert sources.dataset_name(["https://host/x/web.txt"], "byte") == "web_byte"
+    assert sources.dataset_name(["texts/"], "gpt2") == "texts"
     with pytest.raises(DataError, match="--name"):
-        prepare.dataset_name(["a", "b"], "gpt2")
+        sources.dataset_name(["a", "b"], "gpt2")
     assert prepare.builtin_dataset("pystdlib") == (["pystdlib"], "gpt2")
     assert prepare.builtin_dataset("pystdlib_byte") == (["pystdlib"], "byte")
     assert prepare.builtin_dataset("shakespeare_byte") == (["shakespeare"], "byte")
@@ -340,6 +343,19 @@ def test_tokenizers():
     assert byte.decode([0xE2, 0x82]) == "\ufffd"  # a cut-off character decodes as a replacement
     with pytest.raises(DataError, match="tokenizer 'bpe'"):
         prepare.get_tokenizer("bpe")
+
+
+def test_ensure_builtin_prepares_a_missing_builtin_dataset_once(tmp_path, capsys):
+    path = tmp_path / "pystdlib_byte"
+    prepare.ensure_builtin(str(tmp_path), "pystdlib_byte")
+    assert capsys.readouterr().out.startswith(
+        f"prepare.py: dataset 'pystdlib_byte' is not prepared yet; preparing it in {path} now\n")
+    assert shards.read_meta(str(path))["tokenizer"] == "byte"
+    before = folder_bytes(path)
+    prepare.ensure_builtin(str(tmp_path), "pystdlib_byte")  # there already: nothing to do
+    prepare.ensure_builtin(str(tmp_path), "mine")  # not built in: left for read_meta to report
+    assert capsys.readouterr().out == "" and folder_bytes(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["pystdlib_byte"]
 
 
 # -----------------------------------------------------------------------------
@@ -368,9 +384,9 @@ def test_killed_run_leaves_nothing_acceptable_and_keeps_the_previous_dataset(tmp
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert folder_bytes(old) == before  # the previous dataset is intact
-    assert np.array_equal(np.concatenate(prepare.open_split(old, "train")), split_tokens(old, "train"))
+    assert np.array_equal(np.concatenate(shards.open_split(old, "train")), split_tokens(old, "train"))
     with pytest.raises(DataError, match="no such dataset folder"):
-        prepare.read_meta(str(data / "fresh"))
+        shards.read_meta(str(data / "fresh"))
     # the next run cleans up after the killed ones
     prepare.prepare([corpus], name="fresh", tokenizer="byte", data_dir=data, val_fraction=0.3, workers=1, quiet=True)
     assert sorted(os.listdir(data)) == ["ds", "fresh"]
@@ -386,7 +402,7 @@ def test_overwrite_replaces_only_when_asked(tmp_path):
     assert folder_bytes(path) == before
     run_cli(corpus + "/doc000.txt", corpus + "/doc001.txt", "--name", "ds", "--tokenizer", "byte", "--data-dir",
             tmp_path, "--overwrite", "--quiet", "--val-fraction", "0.5")
-    assert prepare.read_meta(path)["documents"] == 2
+    assert shards.read_meta(path)["documents"] == 2
     assert sorted(os.listdir(tmp_path)) == ["c", "ds"]
 
 
@@ -445,18 +461,14 @@ def test_errors_in_worker_processes_are_one_line(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "d") == []
 
 
-@pytest.mark.parametrize("bad_id, expected", [
-    (70000, "token id 70000, which does not fit the uint16 shards (ids must be below 65536)"),
-    (50000, "token id 50000, beyond its vocab_size 50000"),
-])
-def test_token_that_does_not_fit_is_an_error(tmp_path, monkeypatch, bad_id, expected):
-    fake = prepare.types.SimpleNamespace(name="fake", encode=lambda text: [1, bad_id], decode=None, eot_token=0,
-                                         vocab_size=50000)
+@pytest.mark.parametrize("bad_id", [70000, 50000])  # beyond uint16, and beyond the vocabulary
+def test_token_that_does_not_fit_is_an_error(tmp_path, monkeypatch, bad_id):
+    fake = types.SimpleNamespace(name="fake", encode=lambda text: [1, bad_id], decode=None, eot_token=0,
+                                 vocab_size=50000)
     monkeypatch.setattr(prepare, "get_tokenizer", lambda name: fake)
     corpus = write_docs(tmp_path / "c", DOCS)
     message = run_cli(corpus, "--name", "ds", "--data-dir", tmp_path / "d", "--workers", "1", "--quiet")
-    assert message == f"prepare.py: the fake tokenizer produced {expected}" + (
-        "; use a tokenizer with a smaller vocabulary" if bad_id > 65535 else "")
+    assert message == f"prepare.py: the fake tokenizer produced token id {bad_id}, beyond its vocab_size 50000"
     assert os.listdir(tmp_path / "d") == []
 
 
@@ -482,21 +494,21 @@ def write_llmc_shard(file, tokens, magic=20240520, version=1, count=None):
 
 def test_llmc_shard_folder_reads_as_gpt2_dataset(tmp_path):
     rng = np.random.default_rng(0)
-    shards = {"fineweb_val_000000.bin": rng.integers(0, 50257, 300), "fineweb_train_000001.bin":
-              rng.integers(0, 50257, 500), "fineweb_train_000002.bin": rng.integers(0, 50257, 200)}
-    shards["fineweb_train_000002.bin"][-1] = 50256  # the largest valid id (EOT) is accepted
-    for name, tokens in shards.items():
+    files = {"fineweb_val_000000.bin": rng.integers(0, 50257, 300), "fineweb_train_000001.bin":
+             rng.integers(0, 50257, 500), "fineweb_train_000002.bin": rng.integers(0, 50257, 200)}
+    files["fineweb_train_000002.bin"][-1] = 50256  # the largest valid id (EOT) is accepted
+    for name, tokens in files.items():
         write_llmc_shard(tmp_path / name, tokens.tolist())
     (tmp_path / "README.txt").write_text("not a shard")
-    meta = prepare.read_meta(str(tmp_path))
+    meta = shards.read_meta(str(tmp_path))
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("gpt2", 50257, 50256)
     assert meta["splits"]["train"]["shards"] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert meta["splits"]["train"]["tokens"] == 700 and meta["splits"]["val"]["tokens"] == 300
-    train = prepare.open_split(str(tmp_path), "train")
+    train = shards.open_split(str(tmp_path), "train")
     assert [a.dtype for a in train] == [np.uint16] * 2 and not train[0].flags.writeable
-    assert np.array_equal(np.concatenate(train), np.concatenate([shards["fineweb_train_000001.bin"],
-                                                                 shards["fineweb_train_000002.bin"]]))
-    assert np.array_equal(prepare.open_split(str(tmp_path), "val")[0], shards["fineweb_val_000000.bin"])
+    assert np.array_equal(np.concatenate(train), np.concatenate([files["fineweb_train_000001.bin"],
+                                                                 files["fineweb_train_000002.bin"]]))
+    assert np.array_equal(shards.open_split(str(tmp_path), "val")[0], files["fineweb_val_000000.bin"])
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -521,17 +533,17 @@ def test_damaged_shard_is_rejected_by_name(tmp_path, damage, expected):
         with open(bad, "r+b") as f:
             f.truncate(1223 if damage == "truncated" else 100)
     with pytest.raises(DataError) as e:
-        prepare.open_split(str(tmp_path), "train", prepare.read_meta(str(tmp_path)) if damage == "token" else None)
+        shards.open_split(str(tmp_path), "train", shards.read_meta(str(tmp_path)) if damage == "token" else None)
     assert str(e.value).startswith(str(bad) + ": ") and expected in str(e.value)
 
 
 def test_reader_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"no such dataset folder; prepare it with `python prepare\.py pystdlib "
                                         r"--tokenizer byte"):
-        prepare.read_meta(str(tmp_path / "pystdlib_byte"))
+        shards.read_meta(str(tmp_path / "pystdlib_byte"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no meta.json, and no llm.c-style train and val shards"):
-        prepare.read_meta(str(tmp_path / "empty"))
+        shards.read_meta(str(tmp_path / "empty"))
     path = prepare.prepare([write_docs(tmp_path / "c", DOCS)], name="ds", tokenizer="byte", data_dir=tmp_path,
                            val_fraction=0.3, workers=1, quiet=True)
     meta_file = os.path.join(path, "meta.json")
@@ -539,10 +551,32 @@ def test_reader_errors_name_the_problem(tmp_path):
     meta["splits"]["train"]["tokens"] += 1
     json.dump(meta, open(meta_file, "w"))
     with pytest.raises(DataError, match="meta.json says the train split has"):
-        prepare.open_split(path, "train")
+        shards.open_split(path, "train")
     open(meta_file, "w").write("{not json")
     with pytest.raises(DataError, match=r"meta\.json: unreadable or corrupt"):
-        prepare.read_meta(path)
+        shards.read_meta(path)
     json.dump({"format_version": 1, "tokenizer": "byte"}, open(meta_file, "w"))
     with pytest.raises(DataError, match="missing or malformed fields"):
-        prepare.read_meta(path)
+        shards.read_meta(path)
+
+
+def test_training_windows_cover_each_epoch_once_and_run_across_shards(tmp_path):
+    words = "the a cat dog sat ran on under mat box red blue big small and then".split()
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(words, 300)) + "." for _ in range(60)]
+    path = prepare.prepare([write_docs(tmp_path / "src", docs)], name="tiny", tokenizer="byte",
+                           data_dir=tmp_path, val_fraction=0.2, shard_tokens=20_000, workers=1, quiet=True)
+    parts = shards.open_split(path, "train")
+    assert len(parts) > 1
+    stream = shards.TokenStream(parts, 32)
+    flat = np.concatenate(parts)
+    assert stream.num_windows == (len(flat) - 1) // 32
+    for w in range(stream.num_windows):
+        assert np.array_equal(stream.window(w), flat[w * 32:w * 32 + 33])
+    order = shards.TrainOrder(stream.num_windows, seed=7)
+    n = stream.num_windows
+    ids = order.ids(0, 2 * n + 5)
+    assert sorted(ids[:n]) == list(range(n)) and sorted(ids[n:2 * n]) == list(range(n))
+    assert not np.array_equal(ids[:n], ids[n:2 * n])  # a new shuffle each epoch
+    assert np.array_equal(shards.TrainOrder(n, seed=7).ids(n - 3, 10), ids[n - 3:n + 7])  # position is all it needs
+    assert not np.array_equal(shards.TrainOrder(n, seed=8).ids(0, n), ids[:n])

@@ -1,4 +1,5 @@
 """Generation: the KV-cache path against full recomputation, and sample.py end to end."""
+import io
 import os
 import subprocess
 import sys
@@ -13,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = [0, 1, 2, 3]
 
 
-def tiny_model(mode, vocab_size=64, block_size=16, dtype=torch.float64, seed=0):
+def tiny_model(mode, vocab_size=64, block_size=16, dtype=torch.float64, seed=0, n_layer=3):
     torch.manual_seed(seed)
-    cfg = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size,
+    cfg = GPTConfig(n_layer=n_layer, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size,
                     residual_mode=mode)
     model = GPT(cfg).to(dtype).eval()
     with torch.no_grad():
@@ -111,9 +112,10 @@ def test_top_k_and_top_p_restrict_the_choice():
 
 # ---------------------------------------------------------------- sample.py end to end
 
-def write_checkpoint(path, tokenizer, mode=3, **overrides):
+def write_checkpoint(path, tokenizer, mode=3, n_layer=3, **overrides):
     vocab = {"byte": 257, "gpt2": 50257}[tokenizer]
-    model = tiny_model(mode, vocab_size=vocab + (-vocab % 64), block_size=32, dtype=torch.float32)
+    model = tiny_model(mode, vocab_size=vocab + (-vocab % 64), block_size=32, dtype=torch.float32,
+                       n_layer=n_layer)
     checkpoint = {"format_version": 1, "model_args": asdict(model.config), "model": model.state_dict(),
                   "tokenizer": {"name": tokenizer, "vocab_size": vocab, "eot_token": vocab - 1}}
     checkpoint.update(overrides)
@@ -150,6 +152,16 @@ def test_sample_script_reads_out_dir_and_file_prompt(tmp_path):
     assert r.stdout.decode().startswith("def main():\n")
 
 
+def test_sample_script_reads_a_config_file_then_flags(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", "byte")
+    (tmp_path / "greedy.py").write_text("temperature = 0\nnum_samples = 1\nmax_new_tokens = 5\n")
+    r = run_sample(str(tmp_path / "greedy.py"), f"--ckpt={ckpt}", "--num_samples=2", "--start=ab")
+    assert r.returncode == 0, r.stderr.decode()
+    samples = r.stdout.decode().split("\n---------------\n")
+    assert len(samples) == 3 and samples[0] == samples[1]  # 2 from the flag, greedy from the file
+    assert samples[0].startswith("ab") and len(samples[0]) > 2
+
+
 def test_sample_script_finds_the_newest_run(tmp_path):
     write_checkpoint(tmp_path / "ckpt.pt", "byte")
     (tmp_path / "method3_cpu").mkdir()
@@ -182,7 +194,7 @@ def test_unknown_format_version(tmp_path):
 
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    one_line_error(run_sample(f"--out_dir={tmp_path}"), "not a readable checkpoint")
+    one_line_error(run_sample(f"--out_dir={tmp_path}"), "cannot read checkpoint", "corrupt")
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
@@ -195,5 +207,47 @@ def test_unrepresentable_start_text(tmp_path, tokenizer):
 
 
 def test_unknown_option_suggests(tmp_path):
-    one_line_error(run_sample("--temprature=0.5"), "unknown option --temprature", "--temperature")
+    one_line_error(run_sample("--temprature=0.5"),
+                   "unknown", "temprature", "did you mean", "temperature")
     one_line_error(run_sample("--top_k=abc"), "--top_k=abc")
+
+
+def test_compile_flag_compiles_the_forward_that_generation_runs(tmp_path, monkeypatch):
+    """--compile=true must route generate_stream's self(...) calls through compiled code, and give
+    the same text. torch.compile gets a counting eager backend: no C compiler, seconds."""
+    import configurator
+    import sample
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", "byte", n_layer=1)
+    config = {**configurator.defaults(sample.__file__), "ckpt": str(ckpt), "num_samples": 1,
+              "max_new_tokens": 20, "start": "x", "device": "cpu", "dtype": "float32"}
+    counts = {"graphs": 0, "calls": 0}
+
+    def counting_backend(gm, example_inputs):
+        counts["graphs"] += 1
+
+        def run(*args):
+            counts["calls"] += 1
+            return gm.forward(*args)
+        return run
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+
+    def run(compile):
+        stdout = io.TextIOWrapper(io.BytesIO())
+        monkeypatch.setattr(sys, "stdout", stdout)
+        sample.main({**config, "compile": compile})
+        return stdout.buffer.getvalue()
+
+    torch._dynamo.reset()
+    try:
+        eager = run(False)
+        assert counts["calls"] == 0
+        compiled = run(True)
+    finally:
+        torch._dynamo.reset()
+    # a forward per token, each one whole compiled graph
+    assert counts["calls"] == 20, counts
+    assert counts["graphs"] <= 6, counts  # dynamic shapes: no recompiling for each cached length
+    assert compiled == eager and compiled.startswith(b"x")

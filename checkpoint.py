@@ -1,0 +1,114 @@
+"""
+Saving a run and picking it up again exactly: ckpt.pt with every rank's random state and partial log
+window, the one checkpoint loader (train.py and sample.py), and the signal-safe stop.
+
+A checkpoint is a dict of tensors and plain values, so it loads with weights_only=True: loading a
+file runs no code from it.
+"""
+import signal
+
+import torch
+import torch.distributed as dist
+
+from report import atomic_write
+
+FORMAT_VERSION = 1  # of ckpt.pt; train.py writes it, every reader checks it
+
+
+class CheckpointError(Exception):
+    """An unreadable or mismatched checkpoint; the scripts print it as one line."""
+
+
+def save(path, ckpt):
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load(path, fix_if_missing):
+    """Reads a checkpoint and checks that it is one of ours; fix_if_missing: advice for no file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}; {fix_if_missing}") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}); it is "
+                              "truncated, corrupt or not from train.py: delete it, or point "
+                              "elsewhere") from None
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version!r}, but this code "
+                              f"reads version {FORMAT_VERSION}; use the train.py and sample.py of "
+                              "its own version")
+    return ckpt
+
+
+def check_fits(ckpt, path, model_args, tokenizer):
+    """A resumed run must have the checkpoint's model shape and tokenizer (dropout may change)."""
+    mismatched = [f"{k}={ckpt['model_args'].get(k)!r} in the checkpoint but {v!r} in the config"
+                  for k, v in model_args.items()
+                  if k != "dropout" and ckpt["model_args"].get(k) != v]
+    if ckpt["tokenizer"] != tokenizer:
+        mismatched.append(f"tokenizer {ckpt['tokenizer']} in the checkpoint but {tokenizer} in "
+                          "the dataset")
+    if mismatched:
+        raise CheckpointError(f"checkpoint {path} does not match the config: "
+                              f"{'; '.join(mismatched)}. "
+                              "Use the run's own config, or another out_dir")
+
+
+def restore_optimizer(optimizer, state):
+    """The checkpoint's moments and step counts, but this config's hyperparameters (weight_decay,
+    betas, lr_mult, ...): load_state_dict alone would bring back the old run's values."""
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+
+
+def config_changes(old, new):
+    """'key old -> new' for each config key that differs from the checkpoint's."""
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+            if old.get(k) != v and k != "init_from"]
+
+
+# -----------------------------------------------------------------------------
+# what each rank alone holds: its random state (dropout draws from it) and its partial log window
+
+def rank_states(ddp, loss_sum):
+    """Every rank's state, gathered to all ranks (a collective: every rank must call it)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    mine = {"cpu": torch.get_rng_state(), "loss_sum": loss_sum.detach().cpu(),
+            "cuda": torch.cuda.get_rng_state() if cuda else None}
+    if not ddp:
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rank_state(states, rank, world_size, device):
+    """Sets this rank's random state -> its loss sum since the last log line, or None where the
+    checkpoint had another number of processes (then dropout masks differ from an unbroken run)."""
+    if len(states) != world_size:
+        return None
+    torch.set_rng_state(states[rank]["cpu"])
+    if states[rank]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+    return states[rank]["loss_sum"].to(device)
+
+
+# -----------------------------------------------------------------------------
+# stopping: SIGINT or SIGTERM asks the loop to finish its step, save and exit
+
+STOP = {"signal": 0}
+
+
+def request_stop(signum, frame):
+    if STOP["signal"]:  # the second signal: stop at once, keeping the last checkpoint
+        raise SystemExit(f"{signal.Signals(signum).name} again; exiting without saving")
+    STOP["signal"] = signum
+
+
+def catch_stop_signals():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, request_stop)

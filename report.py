@@ -1,0 +1,251 @@
+"""
+What a run writes besides its checkpoint, and how it prints: the one atomic file writer,
+metrics.jsonl, the log line and eval block, the learned layer weights as json/txt/png, peak memory.
+
+No torch import here: prepare.py uses the writer in its worker-free main process, and compare.py
+reads metrics.jsonl, without paying for torch.
+"""
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def atomic_write(path, data):
+    """data (bytes, str, or a function writing a binary file) into a temp file beside path, fsync,
+    rename over path: a crash at any moment leaves the old file or the new one, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path):
+    """Makes the renames inside path durable (POSIX; a no-op elsewhere)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# metrics.jsonl: one JSON record per line
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, skipping a line torn by a crash."""
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
+    return records
+
+
+def open_metrics(path, resume_iter=None):
+    """metrics.jsonl for appending. A fresh run (resume_iter None) starts it afresh; a resumed one
+    keeps the records up to its checkpoint: a crash may have logged past it, and those iterations
+    run again, so no record is doubled. A 'done' record goes too: the resumed run writes its own."""
+    kept = [] if resume_iter is None else [r for r in read_metrics(path) if r.get("type") != "done"
+                                           and r.get("iter", 0) <= resume_iter]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return open(path, "a", encoding="utf-8")
+
+
+def record(file, rec):
+    """Appends one record; file is None on the ranks that do not write."""
+    if file is not None:
+        file.write(json.dumps(rec) + "\n")
+        file.flush()
+
+
+# -----------------------------------------------------------------------------
+# what the terminal shows
+
+def hms(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_log(rec, max_iters):
+    mfu = "n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
+    return (f"iter {rec['iter']}/{max_iters} | epoch {rec['epoch']:.3f} | loss {rec['loss']:.4f} | "
+            f"lr {rec['lr']:.2e} | grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_sec']:,.0f} "
+            f"tok/s | mfu {mfu} | {hms(rec['elapsed'])} elapsed, eta {hms(rec['eta'])}")
+
+
+def format_start(start, config, compiled, eval_windows):
+    """The start record and the config as three lines: model, data, budget."""
+    ddp = f", DDP x{start['world_size']}" if start["world_size"] > 1 else ""
+    epochs = (config["max_iters"] * start["tokens_per_iter"] / config["block_size"]
+              / start["train_windows"])
+    return (f"model: residual_mode {config['residual_mode']}, {start['num_params'] / 1e6:.2f}M "
+            f"parameters, device {config['device']}, {config['dtype']}, compile "
+            f"{'on' if compiled else 'off'}{ddp}\n"
+            f"data: {start['train_tokens']:,} train tokens = {start['train_windows']:,} windows of "
+            f"{config['block_size'] + 1}, {start['val_tokens']:,} val tokens; unigram entropy "
+            f"{start['unigram_entropy']:.4f} nats/token\n"
+            f"budget: {config['max_iters']} iters of {start['tokens_per_iter']:,} tokens = "
+            f"{epochs:.2f} epochs; eval on {eval_windows} fixed val windows")
+
+
+def format_eval(rec):
+    """An eval record as the block the original experiment printed (HF Trainer's layout)."""
+    h, rest = divmod(rec["eval_runtime"], 3600)
+    m, s = divmod(rest, 60)
+    rows = [("epoch", f"{rec['epoch']:.4f}"),
+            ("eval_accuracy", f"{rec['eval_accuracy']:.4f}"),
+            ("eval_loss", f"{rec['eval_loss']:.4f}"),
+            ("eval_perplexity", f"{rec['eval_perplexity']:.4f}"),
+            ("eval_runtime", f"{int(h)}:{int(m):02d}:{s:05.2f}"),
+            ("eval_samples", f"{rec['eval_samples']}"),
+            ("eval_samples_per_second", f"{rec['eval_samples_per_second']:.3f}"),
+            ("eval_steps_per_second", f"{rec['eval_steps_per_second']:.3f}")]
+    width = max(len(v) for _, v in rows)
+    return (f"***** eval metrics (iter {rec['iter']}) *****\n"
+            + "\n".join(f"  {k:<23} = {v:>{width}}" for k, v in rows))
+
+
+# -----------------------------------------------------------------------------
+# the learned residual mixing: one row per block (per sublayer input z_k in mode 6)
+
+MIXING = {  # mode -> (what a row holds, what a heatmap column is)
+    3: ("layer weights, softmax(theta_m) over blocks 0..m (block 0 has none)",
+        "block i whose a_i is mixed in"),
+    4: ("layer weights, softmax(phi_m) over blocks 0..m (block 0 has none)",
+        "block i whose h_i is mixed in"),
+    5: ("DWA weights alpha_m over y_0..y_{m+1}", "y_j (y_0 = h_0, y_{m+1}: block m's output)"),
+    6: ("routing weights of z_k over s_0..s_k, mean over the eval windows",
+        "source s_i (s_0 = h_0)"),
+    7: ("(lambda_m, mu_m): h_m <- lambda_m h_m + mu_m h_0", "lambda_m, mu_m"),
+}
+
+
+def mixing_rows(model):
+    """One row per block (per z_k in mode 6): index, count, raw parameters and the weights a heatmap
+    shows ('normalized'); count 0 and nulls where a row has none, and in modes without mixing."""
+    mixing = model.mixing_weights()
+    if mixing is None:
+        return [{"index": m, "count": 0, "raw": None, "normalized": None}
+                for m in range(model.config.n_layer)]
+    rows = []
+    for i, raw in enumerate(mixing["raw"]):
+        weights = mixing["rows"][i] if mixing["rows"] is not None else None
+        rows.append({"index": i, "count": 0 if weights is None else len(weights),
+                     "raw": None if raw is None else raw.tolist(),
+                     "normalized": None if weights is None else weights.tolist()})
+    return rows
+
+
+def format_mixing(rows, mode):
+    """Each row's weights, one aligned line per row; '' when no row has any."""
+    lines = [f"  {'z' if mode == 6 else 'block'} {r['index']:>2}: "
+             + " ".join(f"{w:.3f}" for w in r["normalized"]) for r in rows if r["count"]]
+    return "\n".join([MIXING[mode][0] + ":", *lines]) if lines else ""
+
+
+def write_mixing(out_dir, rows, model_args, saved_at, mode_name):
+    """layer_weights.json (shape of the original's file), .txt (its readable report) and .png."""
+    config = {k: model_args[k]
+              for k in ("n_layer", "n_embd", "n_head", "mlp_hidden", "residual_mode")}
+    mode, label = config["residual_mode"], "z" if config["residual_mode"] == 6 else "Layer"
+    atomic_write(os.path.join(out_dir, "layer_weights.json"),
+                 json.dumps({"saved_at": saved_at, "config": config, "layers": rows}, indent=1))
+    lines = [f"Learned residual mixing (residual_mode {mode}, {mode_name}): "
+             f"{MIXING.get(mode, ('none',))[0]}", f"Saved at: {saved_at}", "",
+             "Model configuration:", f"  layers: {config['n_layer']}",
+             f"  hidden size: {config['n_embd']}",
+             f"  attention heads: {config['n_head']}",
+             f"  MLP (intermediate) size: {config['mlp_hidden']}", ""]
+    for r in rows:
+        if not r["count"]:
+            lines.append(f"{label} {r['index']} (index {r['index']}): no weight parameters")
+        else:
+            lines += [f"{label} {r['index']} (index {r['index']}): {r['count']} weight parameters",
+                      f"  raw weights: {r['raw']}",
+                      f"  normalized weights: {r['normalized']}"]
+    atomic_write(os.path.join(out_dir, "layer_weights.txt"), "\n".join(lines) + "\n")
+    plt = pyplot("train.py", "no layer_weights.png") if any(r["count"] for r in rows) else None
+    if plt is not None:
+        n = len(rows)
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.55 * n), max(4.0, 1.0 + 0.5 * n)))
+        draw_layer_heatmap(fig, ax, [r["normalized"] for r in rows], 2, mode,
+                           f"residual_mode {mode_name}")
+        save_figure(plt, fig, os.path.join(out_dir, "layer_weights.png"))
+
+
+def pyplot(script, missing):
+    """matplotlib's pyplot without a display, or None with a one-line notice: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"{script}: matplotlib is not installed, so {missing} (pip install matplotlib)",
+              flush=True)
+        return None
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def draw_layer_heatmap(fig, ax, rows, digits, mode, title):
+    """rows[r]: the weights of heatmap row r (block m, or z_k in mode 6), or None: drawn row by row,
+    lower-triangular where each row reaches one further back, blank where a row has none."""
+    width = max((len(row) for row in rows if row is not None), default=1)
+    grid = np.full((len(rows), width), np.nan)  # nan stays blank
+    for r, row in enumerate(rows):
+        if row is not None:
+            grid[r, :len(row)] = row
+    image = ax.imshow(grid, cmap="viridis", vmin=min(0.0, np.nanmin(grid)))
+    if grid.size <= 400:
+        for r, i in zip(*np.nonzero(~np.isnan(grid))):
+            ax.text(i, r, f"{grid[r, i]:.{digits}f}", ha="center", va="center", fontsize=7,
+                    color="w")
+    ax.set_xlabel(MIXING[mode][1])
+    ax.set_ylabel("sublayer input z_k" if mode == 6 else "block m")
+    ax.set_xticks(range(width))
+    ax.set_yticks(range(len(rows)))
+    ax.set_title(f"{MIXING[mode][0]}\n{title}", fontsize=9)
+    fig.colorbar(image, ax=ax)
+
+
+# -----------------------------------------------------------------------------
+
+def peak_memory_bytes(device_type):
+    """Peak memory of this process: allocated CUDA memory on a GPU, else peak resident memory."""
+    if device_type == "cuda":
+        import torch  # loaded already in any process that has a CUDA device
+        return torch.cuda.max_memory_allocated()
+    with contextlib.suppress(OSError):  # Linux: VmHWM is this process image's own peak; ru_maxrss
+        with open("/proc/self/status") as f:  # also counts the parent's size when it forked us
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
