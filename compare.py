@@ -30,6 +30,9 @@ import shards
 RUNS_DIR = "runs"  # runs/NAME/modeM_seedS is each run's out_dir
 RESULTS_DIR = "results"  # results/NAME/ gets the summaries and plots
 CONFIDENCE = 0.95  # of the paired t-intervals; Holm's correction keeps 1 - CONFIDENCE per family
+POWER = 0.8  # of the smallest detectable difference: the one a paired t-test finds 80% of the time
+NOTE_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs",
+                            "note_method3_layer_weights.json")  # the original note's mode 3
 SET_PER_RUN = {"residual_mode": "--modes", "seed": "--seeds", "out_dir": "--name",  # set per run
                "init_from": "nothing: resuming is automatic"}
 # the original note: method 1 > method 0 > method 2, and method 3 at least as good as method 1
@@ -77,8 +80,16 @@ def paired_interval(a, b):
     mean, std = mean_std(list(diffs.values()))
     d = {"per_seed": diffs, "mean": mean, "std": std}
     if std is None:
-        return {**d, "low": None, "high": None, "excludes_zero": None, "p": None}
-    return {**d, **interval(d, CONFIDENCE), "p": p_value(d)}
+        return {**d, "low": None, "high": None, "excludes_zero": None, "p": None, "detectable": None}
+    return {**d, **interval(d, CONFIDENCE), "p": p_value(d), "detectable": detectable(std, len(diffs))}
+
+
+def detectable(std, n):
+    """The smallest true mean difference that n pairs with this paired std detect (two-sided, at
+    1 - CONFIDENCE) with probability POWER: (t_(1-alpha/2) + t_power) * std / sqrt(n), df n - 1.
+    The usual approximation: by simulation its power is 0.79 at 5 seeds, 0.77 at 3."""
+    df = n - 1
+    return (t_quantile(0.5 + CONFIDENCE / 2, df) + t_quantile(POWER, df)) * std / math.sqrt(n)
 
 
 def interval(d, confidence):
@@ -133,7 +144,9 @@ def parse_args(argv):
     add("--modes", default="0,1,2,3", help="residual modes, numbers or names (default 0,1,2,3)")
     add("--seeds", type=int, default=3, help="seeds 0..N-1 per mode (default 3)")
     add("--name", help="sweep name: runs/NAME and results/NAME (default: the config names)")
-    add("--baseline", default="0", help="the mode the others are paired against (default 0)")
+    add("--baseline", help="the mode the others are paired against (default: the lowest mode)")
+    add("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+        help="every mode and seed at each value of a train.py config key (repeat for a grid)")
     either = parser.add_mutually_exclusive_group().add_argument
     either("--parallel", type=int, help="runs at a time (default 1); on CPU they split the cores")
     either("--gpus", help="GPU ids, one run on each at a time, e.g. 0,1 (repeat an id for two)")
@@ -141,7 +154,7 @@ def parse_args(argv):
     args, flags = parser.parse_known_args(argv)
     try:
         args.modes = sorted({model_lib.parse_residual_mode(m) for m in args.modes.split(",")})
-        args.baseline = model_lib.parse_residual_mode(args.baseline)
+        args.baseline = model_lib.parse_residual_mode(args.baseline or str(args.modes[0]))
     except ValueError as e:
         raise CompareError(e) from None
     if args.baseline not in args.modes:
@@ -151,24 +164,44 @@ def parse_args(argv):
     args.gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
     args.parallel = len(args.gpus) or args.parallel or 1
     args.name = args.name or "_".join(os.path.basename(c).rsplit(".", 1)[0] for c in args.configs)
-    for key in (flag[2:].partition("=")[0] for flag in flags):
+    flag_keys = [flag[2:].partition("=")[0] for flag in flags]
+    for key in flag_keys:
         if key in SET_PER_RUN:
             raise CompareError(f"--{key}: compare.py sets {key} per run; use {SET_PER_RUN[key]}")
+    args.grid = [{}]  # one {key: value text} per point of the sweep's grid
+    for spec in args.sweep:
+        key, _, values = spec.partition("=")
+        try:
+            configurator.check_key(key, f"--sweep {spec}", configurator.defaults(TRAIN_PY), "train.py")
+        except configurator.ConfigError as e:
+            raise CompareError(e) from None
+        if key in SET_PER_RUN or key in flag_keys or not values or key in args.grid[0]:
+            raise CompareError(f"--sweep {spec}: give a config key that is not set otherwise, "
+                               "and its values, e.g. --sweep mixing_lr_mult=1,10,30")
+        args.grid = [{**point, key: v} for point in args.grid for v in values.split(",")]
     return args, flags
 
 
+def value_name(point):
+    """A grid point -> its name, also its runs' folder: "mixing_lr_mult=10" ("" without --sweep)."""
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
 def plan_runs(args, flags):
-    """Every (mode, seed) and its resolved config, seed-major: a stopped sweep has whole pairs."""
+    """Every (value, mode, seed) and its resolved config, seed-major: a stopped sweep has whole
+    pairs. Runs at one value share the seed's initial weights and batches, as without --sweep."""
     runs, defaults = [], configurator.defaults(TRAIN_PY)
     for seed in range(args.seeds):
-        for mode in args.modes:
-            out_dir = os.path.join(RUNS_DIR, args.name, f"mode{mode}_seed{seed}")
-            argv = [*args.configs, *flags, f"--residual_mode={mode}", f"--seed={seed}",
-                    f"--out_dir={out_dir}"]
-            config = configurator.load(argv, defaults, "train.py")
-            configurator.check_train(config)
-            runs.append({"mode": mode, "seed": seed, "name": os.path.basename(out_dir),
-                         "out_dir": out_dir, "argv": argv, "config": config})
+        for point in args.grid:
+            for mode in args.modes:
+                name = os.path.join(value_name(point), f"mode{mode}_seed{seed}")
+                out_dir = os.path.join(RUNS_DIR, args.name, name)
+                argv = [*args.configs, *flags, *(f"--{k}={v}" for k, v in point.items()),
+                        f"--residual_mode={mode}", f"--seed={seed}", f"--out_dir={out_dir}"]
+                config = configurator.load(argv, defaults, "train.py")
+                configurator.check_train(config)
+                runs.append({"mode": mode, "seed": seed, "value": value_name(point), "name": name,
+                             "out_dir": out_dir, "argv": argv, "config": config})
     return runs
 
 
@@ -295,7 +328,7 @@ def load_run(run):
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise CompareError(f"cannot read the results in {run['out_dir']} ({type(e).__name__}: {e})"
                            "; delete that folder and rerun to redo the run") from None
-    return {"mode": run["mode"], "seed": run["seed"], "out_dir": run["out_dir"],
+    return {"mode": run["mode"], "seed": run["seed"], "value": run["value"], "out_dir": run["out_dir"],
             "iter": done["iter"], "tokens": done["tokens"],
             **{k: done[k] for k in ("eval_loss", "eval_perplexity", "eval_accuracy")},
             # the median of the logged rates, skipping the first: it carries the warm-up
@@ -306,7 +339,22 @@ def load_run(run):
             if any(layer["count"] for layer in layers) else None}
 
 
+def read_note_weights():
+    """The original note's learned mode-3 weights, block by block (None: block 0 has none)."""
+    with open(NOTE_WEIGHTS, encoding="utf-8") as f:
+        return [layer["normalized"] for layer in json.load(f)["layers"]]
+
+
+def correlation(a, b):
+    """Pearson's r of two rows of weights; None for a missing row, or one too short (< 3) or flat."""
+    try:
+        return statistics.correlation(a, b) if a and b and len(a) > 2 else None
+    except statistics.StatisticsError:  # a row with every weight equal
+        return None
+
+
 def summarize(results, args, command):
+    """One block of the summary: the runs of one value (all of them without --sweep)."""
     modes = {}
     for mode in args.modes:
         rs = [r for r in results if r["mode"] == mode]
@@ -324,6 +372,9 @@ def summarize(results, args, command):
             mean = [None if b is None else [mu for mu, _ in b] for b in blocks]
             std = [None if b is None or len(grids) < 2 else [sd for _, sd in b] for b in blocks]
             entry["layer_weights"] = {"mean": mean, "std": std, "seeds": len(grids)}
+            note = read_note_weights()
+            if mode == 3 and len(note) == len(mean):  # the note's depth: compare the patterns
+                entry["note_correlation"] = [correlation(a, b) for a, b in zip(mean, note)]
     loss = {m: modes[m]["eval_loss"]["per_seed"] for m in modes}
     paired = {m: paired_interval(loss[m], loss[args.baseline]) for m in args.modes
               if m != args.baseline}  # one family: the modes against the baseline
@@ -339,6 +390,16 @@ def summarize(results, args, command):
             "original_claims": claims, "confidence": CONFIDENCE, "parallel": args.parallel,
             "budgets": sorted({(r["iter"], r["tokens"]) for r in results}), "correction": "holm",
             "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}
+
+
+def across_values(blocks):
+    """Each value's final losses minus the first value's, mode by mode, paired by seed: a family."""
+    first, *others = blocks
+    family = {f"{m}: {name} − {first}": paired_interval(blocks[name]["modes"][m]["eval_loss"]
+                                                        ["per_seed"], e["eval_loss"]["per_seed"])
+              for m, e in blocks[first]["modes"].items() for name in others}
+    adjust_family(list(family.values()))
+    return family
 
 
 def fmt(stat, digits=4):
@@ -363,11 +424,26 @@ def table(header, rows):
             *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
-def summary_markdown(s):
+def family_table(label, family, seeds):
+    """One family of paired differences: per seed, raw and Holm-adjusted, and what it can detect."""
+    return table([label, *(f"seed {x}" for x in seeds), "mean", f"raw {CONFIDENCE:.0%} interval",
+                  "raw p", "Holm p", "Holm interval", "differs (Holm)", "paired std",
+                  f"detectable ({POWER:.0%} power)"], [
+        [name, *(f"{d['per_seed'][x]:+.4f}" if x in d["per_seed"] else "" for x in seeds),
+         f"{d['mean']:+.4f}", fmt_interval(d), fmt_p(d["p"]), fmt_p(d["holm"]["p"]),
+         fmt_interval(d["holm"]), {None: "n/a", False: "no"}.get(
+             d["holm"]["excludes_zero"], "yes: lower" if d["mean"] < 0 else "yes: higher"),
+         "n/a" if d["std"] is None else f"{d['std']:.4f}",
+         "n/a" if d["detectable"] is None else f"{d['detectable']:.4f}"]
+        for name, d in family.items()])
+
+
+def summary_markdown(s, title=None):
+    """A block as markdown: under its own title in a sweep, else as the whole summary."""
     base, claims, seeds = s["baseline"], s["original_claims"], s["modes"][s["baseline"]]["seeds"]
     budget = "; ".join(f"{it:,} iters = {tok:,} tokens" for it, tok in s["budgets"])
-    lines, rows = [f"# Residual modes: {s['name']}", "", f"`{s['command']}`", "",
-                   f"Every run: {budget}; the same validation windows. "
+    head = [title] if title else [f"# Residual modes: {s['name']}", "", f"`{s['command']}`"]
+    lines, rows = [*head, "", f"Every run: {budget}; the same validation windows. "
                    "Final eval loss (nats/token) as mean ± std over seeds."], []
     for m, e in s["modes"].items():
         speed, memory = e["tokens_per_sec"], e["peak_memory_bytes"]
@@ -387,20 +463,13 @@ def summary_markdown(s):
     paired = (f"Final eval loss minus the baseline's, mode {base} ({s['modes'][base]['name']}), "
               "at the same seed: the same initial weights and batches (negative: better). A claim "
               "of a difference rests on the Holm-adjusted p-value and interval (Holm's correction "
-              "over this table's rows); the raw ones show each difference on its own.")
+              "over this table's rows); the raw ones show each difference on its own. `detectable`"
+              f" is the smallest true difference these seeds find with {POWER:.0%} power at the "
+              f"raw {1 - CONFIDENCE:.0%} level: a difference that is not found is below it.")
     families = [("mode", s["paired"], paired), ("claim", {
         f"{c['claim']} {'holds' if c['holds'] else 'fails'}": c for c in claims}, original)]
     for label, family, text in families:
-        lines += ["", text]
-        if family:
-            lines += table([label, *(f"seed {x}" for x in seeds), "mean",
-                            f"raw {CONFIDENCE:.0%} interval", "raw p", "Holm p", "Holm interval",
-                            "differs (Holm)"], [
-                [name, *(f"{d['per_seed'][x]:+.4f}" if x in d["per_seed"] else "" for x in seeds),
-                 f"{d['mean']:+.4f}", fmt_interval(d), fmt_p(d["p"]), fmt_p(d["holm"]["p"]),
-                 fmt_interval(d["holm"]), {None: "n/a", False: "no"}.get(
-                     d["holm"]["excludes_zero"], "yes: lower" if d["mean"] < 0 else "yes: higher")]
-                for name, d in family.items()])
+        lines += ["", text] + (family_table(label, family, seeds) if family else [])
     for m, e in s["modes"].items():
         if "layer_weights" in e:
             w = e["layer_weights"]
@@ -410,30 +479,58 @@ def summary_markdown(s):
                       f"layer_weights.txt), mean over {w['seeds']} seed(s){spread}:", "```",
                       *(f"block {i:>2}: " + " ".join(f"{v:.3f}" for v in row)
                         for i, row in enumerate(w["mean"]) if row is not None), "```"]
+        if "note_correlation" in e:
+            lines += ["", "Pearson's r of each block's mean weights with the original note's "
+                      "(blocks 2 on; block 1 has only two): " + ", ".join(
+                          f"{i}: {'n/a' if r is None else f'{r:+.2f}'}"
+                          for i, r in enumerate(e["note_correlation"]) if i > 1)]
     if s["parallel"] > 1:
         lines += ["", f"Runs went {s['parallel']} at a time: tokens/s and memory were shared."]
     return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(summary):
+    """The summary of a --sweep: a block per value, then each value against the first."""
+    first = next(iter(summary["values"].values()))
+    seeds = first["modes"][first["baseline"]]["seeds"]
+    lines = [f"# Residual modes: {summary['name']}", "", f"`{summary['command']}`", "",
+             "One section per value of the sweep; within it, the runs of a seed share their "
+             "initial weights and batches, as without a sweep."]
+    for name, block in summary["values"].items():
+        lines += ["", summary_markdown(block, f"## {name}").rstrip("\n")]
+    lines += ["", "## Across values", "", "Final eval loss at each value minus at the first, "
+              "mode by mode, at the same seed; Holm's correction over this table's rows."]
+    return "\n".join(lines + family_table("mode: values", summary["across_values"], seeds)) + "\n"
 
 
 def plot_results(summary, results, folder):
     plt = report.pyplot("compare.py", "no plots")
     if plt is None:
         return
-    loss_fig, loss_ax = plt.subplots(figsize=(7, 4.5))
+    base = summary["baseline"]
+    loss_fig, (loss_ax, diff_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
     loss_ax.set(xlabel="training tokens", ylabel="val loss (nats/token)",
                 title="val loss: mean over seeds, band from min to max")
+    diff_ax.set(xlabel="training tokens", ylabel=f"val loss minus mode {base}'s, same seed",
+                title="paired difference: mean over seeds, band from min to max")
+    diff_ax.axhline(0, color="k", lw=0.8)
+    base_curves = {r["seed"]: dict(r["curve"]) for r in results if r["mode"] == base}
     rate_fig, rate_ax = plt.subplots(figsize=(6, 4.5))  # a dot per run, a cross per mode's mean
     rate_ax.set(xlabel="training tokens/s (median per run)", ylabel="final eval loss (nats/token)",
                 title="quality against throughput (down and right is better)")
     for i, (m, e) in enumerate(summary["modes"].items()):
         rs, color, label = [r for r in results if r["mode"] == m], f"C{i}", f"{m} {e['name']}"
-        curves = [dict(r["curve"]) for r in rs]
-        tokens = sorted(set.intersection(*map(set, curves)))
+        curves = {r["seed"]: dict(r["curve"]) for r in rs}
+        tokens = sorted(set.intersection(*map(set, curves.values())))
         tokens = tokens[1:] if len(tokens) > 2 else tokens  # step 0's loss would squash the scale
-        losses = [[c[t] for c in curves] for t in tokens]  # per eval, over seeds
-        loss_ax.plot(tokens, [statistics.fmean(x) for x in losses], color=color, label=label)
-        loss_ax.fill_between(tokens, [min(x) for x in losses], [max(x) for x in losses],
-                             color=color, alpha=0.2)
+        bands = [(loss_ax, [[c[t] for c in curves.values()] for t in tokens])]  # per eval, seeds
+        if m != base:
+            bands.append((diff_ax, [[c[t] - base_curves[s][t] for s, c in curves.items()
+                                     if t in base_curves.get(s, {})] for t in tokens]))
+        for ax, values in bands:
+            ax.plot(tokens, [statistics.fmean(x) for x in values], color=color, label=label)
+            ax.fill_between(tokens, [min(x) for x in values], [max(x) for x in values],
+                            color=color, alpha=0.2)
         if e["tokens_per_sec"] is not None:
             timed = [r for r in rs if r["tokens_per_sec"] is not None]
             rate_ax.scatter([r["tokens_per_sec"] for r in timed], [r["eval_loss"] for r in timed],
@@ -449,6 +546,12 @@ def plot_results(summary, results, folder):
                 report.draw_layer_heatmap(fig, ax, rows, digits, m,
                                           f"mode {m}: {title} ({w['seeds']} seeds)")
             report.save_figure(plt, fig, os.path.join(folder, f"layer_weights_mode{m}.png"))
+        if "note_correlation" in e:  # this sweep's mean weights beside the original note's
+            fig, axes = plt.subplots(1, 2, figsize=(2 * (1.2 + 0.55 * n), 0.8 + 0.5 * n))
+            for ax, rows, title in ((axes[0], w["mean"], f"this sweep: mean of {w['seeds']} seeds"),
+                                    (axes[1], read_note_weights(), "the original note (768 wide)")):
+                report.draw_layer_heatmap(fig, ax, rows, 2, m, title)
+            report.save_figure(plt, fig, os.path.join(folder, "layer_weights_vs_note.png"))
     for fig, ax, name in ((loss_fig, loss_ax, "val_loss"),
                           (rate_fig, rate_ax, "quality_vs_throughput")):
         ax.legend()
@@ -480,15 +583,21 @@ def main(argv):
     except (configurator.ConfigError, prepare.DataError) as e:
         raise CompareError(e) from None
     run_sweep(runs, args, lock_fds)
-    results = [load_run(run) for run in runs]
-    summary = summarize(results, args, shlex.join(["python", "compare.py", *argv]))
-    folder = os.path.join(RESULTS_DIR, args.name)
-    os.makedirs(folder, exist_ok=True)
-    text = summary_markdown(summary)
+    results, command = [load_run(run) for run in runs], shlex.join(["python", "compare.py", *argv])
+    folder, names = os.path.join(RESULTS_DIR, args.name), [value_name(p) for p in args.grid]
+    blocks = {v: summarize([r for r in results if r["value"] == v], args, command) for v in names}
+    for v, block in blocks.items():  # plots: results/NAME, or results/NAME/VALUE in a sweep
+        os.makedirs(os.path.join(folder, v), exist_ok=True)
+        plot_results(block, [r for r in results if r["value"] == v], os.path.join(folder, v))
+    if args.sweep:
+        summary = {"name": args.name, "command": command, "values": blocks,
+                   "across_values": across_values(blocks)}
+        text = sweep_markdown(summary)
+    else:
+        summary, text = blocks[""], summary_markdown(blocks[""])
     report.atomic_write(os.path.join(folder, "summary.md"), text)
     report.atomic_write(os.path.join(folder, "summary.json"), json.dumps(summary, indent=1))
     print(text, end="")
-    plot_results(summary, results, folder)
     print(f"wrote {folder}/summary.md, summary.json and plots")
 
 

@@ -156,7 +156,7 @@ def fake_run(root, mode, seed, loss, n_layer=3):
         layers.append({"index": m, "count": m + 1 if w else 0, "raw": w, "normalized": w and [x / sum(w) for x in w]})
     with open(os.path.join(out, "layer_weights.json"), "w") as f:
         json.dump({"saved_at": "now", "config": {}, "layers": layers}, f)
-    return {"mode": mode, "seed": seed, "name": os.path.basename(out), "out_dir": out}
+    return {"mode": mode, "seed": seed, "value": "", "name": os.path.basename(out), "out_dir": out}
 
 
 def synthetic_args(modes, seeds, baseline=0):
@@ -382,3 +382,92 @@ def test_killed_sweep_resumes_and_summaries_match_the_runs(tmp_path):
     pytest.importorskip("matplotlib")
     for png in ("val_loss.png", "quality_vs_throughput.png", "layer_weights_mode3.png"):
         assert (tmp_path / "results" / "tiny" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# power, the note side by side, and --sweep
+
+def test_detectable_difference_by_hand_and_by_simulation():
+    # (t_0.975 + t_0.80) * sd / sqrt(n), the t quantiles from the tables: df 4: 2.776445, 0.940965
+    assert compare.detectable(0.01, 5) == pytest.approx((2.776445 + 0.940965) * 0.01 / math.sqrt(5), abs=1e-7)
+    assert compare.detectable(0.02, 3) == pytest.approx((4.302653 + 1.060660) * 0.02 / math.sqrt(3), abs=1e-7)
+    d = compare.paired_interval({0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert d["detectable"] == pytest.approx(compare.detectable(statistics.stdev([1, 2, 4]), 3))
+    # a true difference of that size is found about 80% of the time by the paired t-test at 5 seeds
+    x = np.random.default_rng(0).normal(compare.detectable(1.0, 5), 1.0, size=(40000, 5))
+    t = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(5))
+    assert 0.78 < np.mean(np.abs(t) > T_975[4]) < 0.81
+
+
+def test_mode3_weights_are_set_beside_the_notes(tmp_path):
+    runs = [fake_run(str(tmp_path), m, s, 3.0 - 0.1 * m + 0.01 * s, n_layer=12) for m in (0, 3) for s in range(3)]
+    s = compare.summarize([compare.load_run(r) for r in runs], synthetic_args([0, 3], 3), "cmd")
+    note = json.load(open(os.path.join(ROOT, "docs", "note_method3_layer_weights.json")))["layers"]
+    assert note[11]["normalized"] == pytest.approx(np.exp(note[11]["raw"]) / np.exp(note[11]["raw"]).sum())
+    mean = s["modes"][3]["layer_weights"]["mean"]
+    r = s["modes"][3]["note_correlation"]
+    assert r[:2] == [None, None]  # block 0 has no weights, block 1 only two
+    for m in range(2, 12):
+        assert r[m] == pytest.approx(np.corrcoef(mean[m], note[m]["normalized"])[0, 1])
+    assert f"11: {r[11]:+.2f}" in compare.summary_markdown(s)
+    assert "note_correlation" not in s["modes"][0]
+    pytest.importorskip("matplotlib")
+    compare.plot_results(s, [compare.load_run(r) for r in runs], str(tmp_path))
+    for png in ("layer_weights_vs_note.png", "val_loss.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_refuses_unknown_or_doubled_keys():
+    for argv, words in ((["--sweep", "mixing_lr_mul=1,10"], "unknown config key 'mixing_lr_mul'.*did you mean 'mixing_lr_mult'"),
+                        (["--sweep", "seed=1,2"], "--sweep seed=1,2: give a config key that is not set otherwise"),
+                        (["--sweep", "n_layer=2,3", "--n_layer=4"], "not set otherwise"),
+                        (["--sweep", "n_layer="], "its values")):
+        with pytest.raises(compare.CompareError, match=words):
+            compare.parse_args(["cfg.py", *argv])
+    args, _ = compare.parse_args(["cfg.py", "--sweep", "n_layer=2,3", "--sweep", "dropout=0,0.1"])
+    assert [compare.value_name(p) for p in args.grid] == [
+        "n_layer=2,dropout=0", "n_layer=2,dropout=0.1", "n_layer=3,dropout=0", "n_layer=3,dropout=0.1"]
+
+
+def test_sweep_pairs_runs_within_each_value_and_summarizes_each(tmp_path):
+    rng = random.Random(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"doc{i}.txt").write_text(" ".join(rng.choice(["def", "self", "x", "for"]) for _ in range(300)))
+    prepare.prepare([str(src)], name="tiny", tokenizer="byte", data_dir=str(tmp_path / "data"), val_fraction=0.2,
+                    workers=1, quiet=True)
+    (tmp_path / "tiny.py").write_text(TINY_CONFIG.format(data_dir=str(tmp_path / "data")))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "tiny.py", "--modes=0,3", "--seeds=2",
+                             "--sweep", "mixing_lr_mult=1,300", "--max_iters=6", "--eval_interval=3", "--parallel=2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    values = ("mixing_lr_mult=1", "mixing_lr_mult=300")
+    folder = {(v, m, s): str(tmp_path / "runs" / "tiny" / v / f"mode{m}_seed{s}")
+              for v in values for m in (0, 3) for s in (0, 1)}
+    evals = {k: [r["eval_loss"] for r in read_records(d) if r["type"] == "eval"] for k, d in folder.items()}
+    configs = {k: json.load(open(os.path.join(d, "config.json"))) for k, d in folder.items()}
+    for (v, m, s), c in configs.items():
+        assert (c["residual_mode"], c["seed"], c["mixing_lr_mult"]) == (m, s, float(v.split("=")[1]))
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("residual_mode", "seed", "out_dir", "mixing_lr_mult")}
+    assert all(strip(c) == strip(configs[values[0], 0, 0]) for c in configs.values())
+    for s in (0, 1):
+        # same seed, other value: the same init and batches, so mode 0 (no mixing weights) is bit for bit the same
+        assert evals[values[0], 0, s] == evals[values[1], 0, s]
+        # and mode 3 starts from the same point, then its mixing weights take other steps
+        assert evals[values[0], 3, s][0] == evals[values[1], 3, s][0] and evals[values[0], 3, s] != evals[values[1], 3, s]
+    summary = json.load(open(tmp_path / "results" / "tiny" / "summary.json"))
+    text = (tmp_path / "results" / "tiny" / "summary.md").read_text()
+    assert list(summary["values"]) == list(values)
+    for v in values:  # one block per value, paired within it
+        assert text.count(f"\n## {v}\n") == 1
+        got = summary["values"][v]["paired"]["3"]["per_seed"]
+        assert got == {str(s): evals[v, 3, s][-1] - evals[v, 0, s][-1] for s in (0, 1)}
+    across = summary["across_values"]
+    assert across[f"0: {values[1]} − {values[0]}"]["per_seed"] == {"0": 0.0, "1": 0.0}
+    assert across[f"3: {values[1]} − {values[0]}"]["per_seed"] == {
+        str(s): evals[values[1], 3, s][-1] - evals[values[0], 3, s][-1] for s in (0, 1)}
+    assert "## Across values" in text and text in result.stdout
+    pytest.importorskip("matplotlib")
+    for v in values:
+        assert (tmp_path / "results" / "tiny" / v / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
