@@ -19,7 +19,7 @@ import torch
 
 import configurator
 import report
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, measure_cpu_matmul_flops, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,15 +41,20 @@ def interleaved(runs, rounds, sync=lambda: None, timed=True, progress=False):
     return {name: statistics.median(v) for name, v in values.items()}
 
 
+def python(*args, env=None):
+    """What python prints, run with args here in a fresh process (own caches and memory peak)."""
+    out = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"python {args} failed:\n{out.stderr.strip()}")
+    return out.stdout
+
+
 def run_python(code, peak=None):
-    """Runs code in a fresh python in this folder (its own caches and memory high-water mark) and
-    returns the last number it prints, or with peak (a device type) its peak memory in bytes."""
+    """The last number that code prints in a fresh python, or with peak (a device type) that
+    process's peak memory in bytes."""
     if peak:
         code += f"\nimport report\nprint(report.peak_memory_bytes({peak!r}))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"python -c {code!r} failed:\n{out.stderr.strip()}")
-    return float(out.stdout.split()[-1])
+    return float(python("-c", code).split()[-1])
 
 
 def table(section, header, rows):
@@ -127,21 +132,25 @@ def model_batch(device):
     return x[:, :-1].to(device), x[:, 1:].to(device)
 
 
-def model_step(model, optimizer, x, y):
-    _, loss = model(x, y)
+def train_step(model, optimizer, x, y, dtype=torch.float32, clip=False):
+    """Forward (under autocast unless fp32, as train.py runs it), backward, AdamW step."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = model(x, y)
     loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def model_make(cls, mode, compiled, device):
-    """One variant and its optimizer, after two steps: a warm-up, and the compilation."""
+def model_make(cls, x, y, compiled, dtype=torch.float32, **config):
+    """A model and its optimizer, on x's device, after two steps: a warm-up, and the compilation."""
     torch.manual_seed(0)
-    model = cls(GPTConfig(**MODEL_BENCH, residual_mode=mode)).to(device)
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device)
+    model = cls(GPTConfig(**config)).to(x.device)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), x.device.type)
     model = torch.compile(model) if compiled else model
     for _ in range(2):
-        model_step(model, optimizer, *model_batch(device))
+        train_step(model, optimizer, x, y, dtype)
     return model, optimizer
 
 
@@ -176,17 +185,17 @@ def bench_model(rounds=7):
         models = {}
         for name, cls, mode in MODEL_VARIANTS:
             t0 = time.perf_counter()
-            models[name] = model_make(cls, mode, compiled, device)
+            models[name] = model_make(cls, x, y, compiled, **MODEL_BENCH, residual_mode=mode)
             print(f"  {build} {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-        runs = {name: functools.partial(model_step, *models[name], x, y) for name in models}
+        runs = {name: functools.partial(train_step, *models[name], x, y) for name in models}
         seconds = interleaved(runs, rounds, sync)
         results = {}
         for name, cls, mode in MODEL_VARIANTS:  # peak memory of a fresh process: none shared
-            code = (f"import bench\nbench.model_make(bench.{cls.__name__}, {mode}, {compiled}, "
-                    f"{device!r})")
+            code = (f"import bench\nbench.model_make(bench.{cls.__name__}, *bench.model_batch("
+                    f"{device!r}), {compiled}, **bench.MODEL_BENCH, residual_mode={mode})")
             act = saved_bytes_per_token(models[name][0], x, y)
             results[name] = (x.numel() / seconds[name], act, run_python(code, peak=device))
-        for name, (tok_s, act, peak) in results.items():
+            tok_s, act, peak = results[name]
             speed, act_x, peak_x = (v / base for v, base in zip(results[name], results["mode 0"]))
             rows.append([name, build, f"{tok_s:.0f}", f"{speed:.3f}", f"{act:.0f}", f"{act_x:.3f}",
                          f"{peak / 2**20:.0f}", f"{peak_x:.3f}"])
@@ -256,8 +265,7 @@ def bench_prepare(rounds=5, rss_shard_tokens=10_000_000):
         # 3. the default corpus from the command line, both tokenizers, all cores
         for flags in ([], ["--tokenizer", "byte"]):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "prepare.py", *flags, "--data-dir", tmp, "--quiet"],
-                           cwd=HERE, check=True)
+            python("prepare.py", *flags, "--data-dir", tmp, "--quiet")
             seconds = time.perf_counter() - t0
             meta = shards.read_meta(os.path.join(tmp, "pystdlib" + ("_byte" if flags else "")))
             tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
@@ -284,17 +292,21 @@ def cpu_run(*flags):
     return cfg, model, vocab
 
 
+def train_records(out_dir, *args, env=None):
+    """The train records of train.py (args: the script or code, then flags) run into out_dir."""
+    python(*args, f"--out_dir={out_dir}", env=env)
+    return [r for r in report.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+            if r["type"] == "train"]
+
+
 def train_loop(dtype, iters, log_interval, tmp):
     """train.py itself, in a fresh out_dir: the tokens/s it logs (eval and checkpoint time
     excluded), median over its log windows after the first (warm-up)."""
-    out_dir = tempfile.mkdtemp(dir=tmp)
-    subprocess.run([sys.executable, "train.py", *TRAIN_CONFIGS, f"--dtype={dtype}",
-                    f"--max_iters={iters}", f"--log_interval={log_interval}",
-                    f"--eval_interval={iters}", "--eval_iters=1", f"--ckpt_interval={iters}",
-                    f"--out_dir={out_dir}"], cwd=HERE, check=True, capture_output=True)
-    return statistics.median(r["tokens_per_sec"] for r in
-                             report.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-                             if r["type"] == "train" and r["iter"] > log_interval)
+    records = train_records(tempfile.mkdtemp(dir=tmp), "train.py", *TRAIN_CONFIGS,
+                            f"--dtype={dtype}", f"--max_iters={iters}",
+                            f"--log_interval={log_interval}", f"--eval_interval={iters}",
+                            "--eval_iters=1", f"--ckpt_interval={iters}")
+    return statistics.median(r["tokens_per_sec"] for r in records if r["iter"] > log_interval)
 
 
 def train_bare(dtype, iters, log_interval):
@@ -307,22 +319,15 @@ def train_bare(dtype, iters, log_interval):
 
     def window():
         for _ in range(log_interval):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, x, y, configurator.DTYPES[dtype], clip=True)
     window()  # warm-up
     seconds = interleaved({"bare": window}, iters // log_interval - 1)["bare"]
     return log_interval * x.numel() / seconds
 
 
 def bench_train(rounds=3, iters=40, log_interval=10):
-    """train.py's whole loop (data, logging, eval and checkpoint bookkeeping) against a bare step
-    of the same model, each in a fresh process, fp32 and bf16 autocast, interleaved rounds; and MFU
-    against this CPU's measured matmul peak."""
-    import model as model_lib
+    """train.py's whole loop (data, logging, eval, checkpoints) against a bare step of its model,
+    each in a fresh process, fp32 and bf16 autocast; and MFU against this CPU's matmul peak."""
     cfg, model, _ = cpu_run()
     print(f"configs/method3.py + configs/cpu.py on CPU ({torch.get_num_threads()} threads): "
           f"{model.config}, batch {cfg['batch_size']}; {rounds} interleaved rounds of {iters} "
@@ -337,7 +342,7 @@ def bench_train(rounds=3, iters=40, log_interval=10):
     rows = []
     for d in dtypes:
         loop, bare = tps[f"{d} loop"], tps[f"{d} bare"]
-        peak = model_lib.measure_cpu_matmul_flops(configurator.DTYPES[d])
+        peak = measure_cpu_matmul_flops(configurator.DTYPES[d])
         mfu = [f"{model.estimate_mfu(t, peak):.1%}" for t in (loop, bare)]
         rows.append([d, f"{loop:,.0f}", f"{bare:,.0f}", f"{loop / bare:.3f}", ">= 0.95",
                      loop / bare >= 0.95, f"{peak / 1e9:.1f}", *mfu])
@@ -354,11 +359,10 @@ def generation(model, vocab, new_tokens, use_cache):
 
 
 def bench_sample(new_tokens=256, rounds=5, long_tokens=1024, long_block=512, long_rounds=3):
-    """Generation with and without the KV cache. At block 128 (the CPU run's model, mode 3, 256
-    tokens) with a floor for the cached step: at batch 1 it reads every weight once per token for
-    little arithmetic, while recomputing the window reuses each weight once per position in it. Then
-    every mode at block 512 and 1,024 tokens, where the window is long enough for the cache to pay.
-    """
+    """Generation with and without the KV cache: the CPU run's model (block 128) with a floor for
+    the cached step, which at batch 1 reads every weight once per token for little arithmetic (the
+    recomputed window reuses each weight once per position). Then every mode at block 512, where
+    the window is long enough for the cache to pay."""
     _, model, vocab = cpu_run()
     model.eval()
     linears = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
@@ -410,10 +414,9 @@ def bench_gpu(steps=12, tokens=256):
     if not torch.cuda.is_available():
         print("gpu: no CUDA GPU here; skipped (run it on a machine with one)")
         return
-    import model as model_lib
     cfg = configurator.load([], configurator.defaults("train.py"))  # the note's model
     args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size")}
-    peak = model_lib.peak_flops("cuda", torch.bfloat16)
+    peak = peak_flops("cuda", torch.bfloat16)
     print(f"device {torch.cuda.get_device_name()}, dtype bfloat16 (auto: "
           f"{configurator.resolve_dtype('auto', 'cuda')}), peak {(peak or 0) / 1e12:.0f} TFLOP/s, "
           f"{args}")
@@ -421,20 +424,11 @@ def bench_gpu(steps=12, tokens=256):
     x, y = x[:, :-1], x[:, 1:]
     rows, base = [], None
     for mode in range(8):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(**args, residual_mode=mode, vocab_size=50304)).cuda()
-        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cuda")
-        step = torch.compile(model)
-        torch.cuda.reset_peak_memory_stats()
-
-        def train_step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = step(x, y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        train_step()  # compile
-        seconds = interleaved({"step": lambda: [train_step() for _ in range(steps)]}, 3,
+        torch.cuda.reset_peak_memory_stats()  # the last mode's model is freed by now
+        model, optimizer = model_make(GPT, x, y, True, torch.bfloat16, **args, residual_mode=mode,
+                                      vocab_size=50304)
+        step = functools.partial(train_step, model, optimizer, x, y, torch.bfloat16)
+        seconds = interleaved({"step": lambda: [step() for _ in range(steps)]}, 3,
                               torch.cuda.synchronize)["step"] / steps
         tps, memory = x.numel() / seconds, torch.cuda.max_memory_allocated()
         base = base or (tps, memory)
@@ -442,9 +436,9 @@ def bench_gpu(steps=12, tokens=256):
         rows.append([f"mode {mode} bf16 compiled", f"{tps:,.0f}", f"{tps / base[0]:.3f}", mfu,
                      f"{memory / 2**30:.1f} GiB", f"{memory / base[1]:.3f}"])
         if mode == 3:
-            full = math.ceil(cfg["max_epochs"] * 14.7e6 / (cfg["block_size"] * cfg["batch_size"]
-                                                          * cfg["gradient_accumulation_steps"]))
-            eta = full * cfg["gradient_accumulation_steps"] * x.numel() / tps
+            per_iter = x.numel() * cfg["gradient_accumulation_steps"]  # tokens
+            full = math.ceil(cfg["max_epochs"] * 14.7e6 / per_iter)
+            eta = full * per_iter / tps
             print(f"python train.py configs/method3.py: ~{full} iters of pystdlib (14.7M gpt2 "
                   f"tokens x {cfg['max_epochs']:g} epochs), about {eta / 60:.0f} min of training")
             gen = {c: generation(model.eval(), 50257, tokens, c) for c in (True, False)}
@@ -452,6 +446,7 @@ def bench_gpu(steps=12, tokens=256):
                 gen_s = interleaved(gen, 3, torch.cuda.synchronize)
             rows.append(["generation, KV cache vs none", f"{tokens / gen_s[True]:.0f}",
                          f"{gen_s[False] / gen_s[True]:.2f}x"])
+            del gen  # it holds the model
         del model, optimizer, step
     for mode in (0, 3):  # fp16: the loss must stay finite under the scaler
         model = GPT(GPTConfig(**args, residual_mode=mode, vocab_size=50304)).cuda()
@@ -474,24 +469,19 @@ def bench_gpu(steps=12, tokens=256):
 
 def gpu_resume():
     """train.py with deterministic algorithms: 20 iterations, and 10 + 10 from a checkpoint."""
-    code = ("import os, runpy, sys, torch\ntorch.use_deterministic_algorithms(True)\n"
+    code = ("import runpy, sys, torch\ntorch.use_deterministic_algorithms(True)\n"
             "sys.argv = ['train.py'] + sys.argv[1:]\n"
             "runpy.run_path('train.py', run_name='__main__')")
-    common = ["configs/method3.py", "--dataset=pystdlib_byte", "--compile=false", "--max_epochs=0",
-              "--lr_decay_iters=20", "--log_interval=1", "--eval_interval=10", "--ckpt_interval=10",
-              "--batch_size=4"]
+    common = ["-c", code, "configs/method3.py", "--dataset=pystdlib_byte", "--compile=false",
+              "--max_epochs=0", "--lr_decay_iters=20", "--log_interval=1", "--eval_interval=10",
+              "--ckpt_interval=10", "--batch_size=4"]
     env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    losses = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, parts in (("whole", [["--max_iters=20"]]),
-                            ("split", [["--max_iters=10"],
-                                       ["--max_iters=20", "--init_from=resume"]])):
-            for extra in parts:
-                subprocess.run([sys.executable, "-c", code, *common, f"--out_dir={tmp}/{name}",
-                                *extra], cwd=HERE, env=env, check=True, capture_output=True)
-            losses[name] = [r["loss"] for r in report.read_metrics(f"{tmp}/{name}/metrics.jsonl")
-                            if r["type"] == "train"]
-    diff = max(abs(a - b) for a, b in zip(losses["whole"], losses["split"]))
+        whole = train_records(f"{tmp}/whole", *common, "--max_iters=20", env=env)
+        train_records(f"{tmp}/split", *common, "--max_iters=10", env=env)
+        split = train_records(f"{tmp}/split", *common, "--max_iters=20", "--init_from=resume",
+                              env=env)
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(whole, split))
     return [f"max loss difference {diff:.3g}", "equal" if diff == 0 else "not bitwise equal"]
 
 

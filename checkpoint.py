@@ -3,8 +3,12 @@ Saving a run and picking it up again exactly: ckpt.pt with every rank's random s
 window, the one checkpoint loader (train.py and sample.py), and the signal-safe stop.
 
 A checkpoint is a dict of tensors and plain values, so it loads with weights_only=True: loading a
-file runs no code from it.
+file runs no code from it. It carries the sha256 of its contents: a bit flipped on disk or in a copy
+stops the loader instead of being trained on.
 """
+import glob
+import hashlib
+import os
 import signal
 
 import torch
@@ -12,15 +16,52 @@ import torch.distributed as dist
 
 from report import atomic_write
 
-FORMAT_VERSION = 1  # of ckpt.pt; train.py writes it, every reader checks it
+FORMAT_VERSION = 2  # of ckpt.pt; every reader checks it. 2: with its sha256
 
 
 class CheckpointError(Exception):
     """An unreadable or mismatched checkpoint; the scripts print it as one line."""
 
 
+def digest(value, h=None):
+    """sha256 over a checkpoint's contents in a fixed order: each tensor's dtype, shape and bytes,
+    each plain value's repr, dict keys sorted. It survives a save and load unchanged."""
+    h = h or hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(value.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    elif isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            digest(item, h)
+    else:
+        h.update(repr(value).encode())
+    return h
+
+
 def save(path, ckpt):
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    """Writes ckpt with its format version and checksum, atomically: a failed write (a full disk)
+    leaves the previous checkpoint as it was and stops with one line."""
+    ckpt = {**ckpt, "format_version": FORMAT_VERSION}
+    ckpt["sha256"] = digest(ckpt).hexdigest()
+    try:
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: {first}); the "
+                              "one saved before is intact: free disk space, then resume with "
+                              "--init_from=resume") from None
+
+
+def remove_temporaries(out_dir):
+    """Deletes the temporary files of writes that a killed run left unfinished in out_dir."""
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp[0-9]*")):
+        os.remove(stale)
 
 
 def load(path, fix_if_missing):
@@ -39,6 +80,9 @@ def load(path, fix_if_missing):
         raise CheckpointError(f"{path} has checkpoint format version {version!r}, but this code "
                               f"reads version {FORMAT_VERSION}; use the train.py and sample.py of "
                               "its own version")
+    if ckpt.pop("sha256", None) != digest(ckpt).hexdigest():
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the sha256 "
+                              "saved with them (a disk or copy error); delete it, or copy it again")
     return ckpt
 
 

@@ -1,14 +1,14 @@
 """
-Config files and --key=value flags onto a script's defaults, after nanoGPT's configurator.py.
+Config files and --key=value flags onto a script's defaults, after nanoGPT's configurator.py, and
+the one resolver of device="auto" and dtype="auto".
 
 A script's config is its literal globals above its first def or class (`n_layer = 12`): defaults()
 reads them from the file, so compare.py and bench.py see train.py's defaults without running it.
-Arguments apply in order: a config file is Python assignments and sees the config so far, so an
-overlay can build on it (out_dir = out_dir + "_cpu"); a flag --key=value takes the default's type.
-
-Also here: the one resolver of device="auto" and dtype="auto".
+Arguments apply in order: a config file is Python that sees the config so far, so an overlay can
+build on it (out_dir = out_dir + "_cpu"); a flag --key=value takes the default's type.
 """
 import ast
+import contextlib
 import difflib
 import os
 
@@ -18,6 +18,7 @@ import model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+RENAMED = {"layer_weight_lr_mult": "mixing_lr_mult"}  # old key -> new: refused with the new name
 
 
 class ConfigError(Exception):
@@ -32,15 +33,12 @@ def defaults(script):
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             break
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
+        if isinstance(node, ast.Assign) and [type(t) for t in node.targets] == [ast.Name]:
             name = node.targets[0].id
-            try:
+            with contextlib.suppress(ValueError):  # not a literal: not a config key
                 value = ast.literal_eval(node.value)
-            except ValueError:  # not a literal: not a config key
-                continue
-            if not name.startswith("_") and isinstance(value, (bool, int, float, str)):
-                config[name] = value
+                if not name.startswith("_") and isinstance(value, (bool, int, float, str)):
+                    config[name] = value
     return config
 
 
@@ -53,7 +51,7 @@ def load(argv, defaults, script="train.py"):
             if not eq:
                 raise ConfigError(f"flag {arg!r} needs a value: --{key}=VALUE")
             check_key(key, arg, defaults, script)
-            config[key] = check_value(key, parse_flag(key, text, defaults[key]), arg, defaults[key])
+            config[key] = check_value(key, text, arg, defaults[key], flag=True)
         else:
             for key, value in read_file(arg, config).items():
                 check_key(key, arg, defaults, script)
@@ -81,9 +79,6 @@ def read_file(path, config):
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-RENAMED = {"layer_weight_lr_mult": "mixing_lr_mult"}  # old key -> new: refused with the new name
-
-
 def check_key(key, source, defaults, script):
     if key in RENAMED and RENAMED[key] in defaults:
         raise ConfigError(f"{key} in {source} is now called {RENAMED[key]}; use that name")
@@ -94,41 +89,39 @@ def check_key(key, source, defaults, script):
         raise ConfigError(f"unknown config key {key!r} in {source}; {hint}")
 
 
-def parse_flag(key, text, default):
-    """The text of --key=text -> a value of the default's type (checked again by check_value)."""
-    try:
-        if key == "residual_mode" or isinstance(default, str):
-            return text
-        if isinstance(default, bool):
-            return {"true": True, "false": False}[text.lower()]
-        if isinstance(default, int):
-            return int(text)
-        return float(text)
-    except (KeyError, ValueError):
-        raise ConfigError(f"--{key}={text}: expected {TYPE_NAMES[type(default)]}") from None
-
-
-def check_value(key, value, source, default):
-    """A value of the default's type; an int may stand for a float, a bool for nothing else."""
-    if key == "residual_mode":
+def check_value(key, value, source, default, flag=False):
+    """A value of the default's type, from a file or from the text of a flag (source): in a file an
+    int may stand for a float, a bool for nothing else."""
+    if key == "residual_mode":  # its number or its name
         try:
             return model.parse_residual_mode(value)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    kind = type(default)
+    if flag:
+        try:
+            return {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise ConfigError(f"{source}: expected {TYPE_NAMES[kind]}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if type(value) is not type(default):
-        raise ConfigError(f"{source} sets {key} = {value!r}: expected {TYPE_NAMES[type(default)]}")
+    if type(value) is not kind:
+        raise ConfigError(f"{source} sets {key} = {value!r}: expected {TYPE_NAMES[kind]}")
     return value
 
 
 def check_train(config):
     """train.py's value checks, which would otherwise fail deep inside torch."""
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                "ckpt_interval"):
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                "gradient_accumulation_steps", "eval_iters", "log_interval", "ckpt_interval"):
         if config[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {config[key]}")
+    for key in ("learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
+                "mixing_lr_mult"):
+        if config[key] < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {config[key]}")
+    if not 0 <= config["dropout"] < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {config['dropout']}")
     if config["n_embd"] % config["n_head"]:
         raise ConfigError(f"n_embd ({config['n_embd']}) must be divisible by "
                           f"n_head ({config['n_head']})")
@@ -140,9 +133,6 @@ def check_train(config):
         raise ConfigError("set max_iters or max_epochs to a positive budget")
 
 
-# -----------------------------------------------------------------------------
-# device="auto" and dtype="auto"
-
 def resolve_device(name):
     """auto: cuda, else mps, else cpu; any other name as given, once checked."""
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -152,9 +142,7 @@ def resolve_device(name):
         return name
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def cpu_has_native_bf16():
@@ -173,6 +161,4 @@ def resolve_dtype(name, device_type):
         return name
     if device_type == "cuda":  # Ampere (8.x) and newer do bf16 natively
         return "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16"
-    if device_type == "cpu" and cpu_has_native_bf16():
-        return "bfloat16"
-    return "float32"
+    return "bfloat16" if device_type == "cpu" and cpu_has_native_bf16() else "float32"

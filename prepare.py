@@ -34,7 +34,7 @@ import numpy as np
 from report import atomic_write, fsync_dir
 from shards import (FORMAT_VERSION, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION,
                     TOKEN_DTYPE)
-from sources import (BUILTIN_DATASETS, DataError, dataset_name, iter_documents, read_documents,
+from sources import (BUILTIN_DATASETS, DataError, dataset_name, iter_chunks, read_documents,
                      resolve_sources)
 
 # -----------------------------------------------------------------------------
@@ -106,11 +106,8 @@ def _byte_decode(ids):
 # -----------------------------------------------------------------------------
 # tokenizing, in worker processes (or in this process when workers == 1)
 
-_tokenizer, _val_threshold = None, None  # set once per worker by _init_worker
-
-
 def _init_worker(tokenizer, val_fraction, pool=True):
-    global _tokenizer, _val_threshold
+    global _tokenizer, _val_threshold  # this process's, for encode_chunk
     if pool:  # Ctrl-C is the main process's: it stops the pool
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _tokenizer = get_tokenizer(tokenizer)
@@ -149,19 +146,6 @@ def encode_chunk(documents):
         streams[split] += [eot, ids.astype(TOKEN_DTYPE)]
         counts[split] += 1
     return {split: np.concatenate(parts) for split, parts in streams.items()}, counts
-
-
-def _chunks(documents, chunk_bytes):
-    """Groups (document, size) pairs into lists of about chunk_bytes: one worker task each."""
-    chunk, total = [], 0
-    for document, size in documents:
-        chunk.append(document)
-        total += size
-        if total >= chunk_bytes:
-            yield chunk
-            chunk, total = [], 0
-    if chunk:
-        yield chunk
 
 
 def _map_ordered(fn, items, workers, initargs):
@@ -215,33 +199,38 @@ class ShardWriter:
             if self.count == self.shard_tokens:
                 self.close()
 
-    def close(self):
-        """Finishes the shard being written, if any."""
-        if self.file is not None:
+    def close(self, complete=True):
+        """Finishes the shard being written, if any; complete=False (on an error) only closes it."""
+        if self.file is not None and complete:
             header = [SHARD_MAGIC, SHARD_VERSION, self.count] + [0] * (HEADER_INTS - 3)
             self.file.seek(0)
             self.file.write(np.array(header, dtype="<i4").tobytes())
             self.file.flush()
             os.fsync(self.file.fileno())
-            self.file.close()
-            self.file, self.tokens, self.count = None, self.tokens + self.count, 0
-
-    def abandon(self):
         if self.file is not None:
             self.file.close()
+        self.file, self.tokens, self.count = None, self.tokens + self.count, 0
 
 
-def _remove_stale_temporaries(data_dir):
-    """Temporary folders of runs that were killed (their process is gone) are deleted."""
-    for folder in glob.glob(os.path.join(glob.escape(data_dir), ".*.tmp-*")):
-        pid = folder.rsplit("-", 1)[-1]
+def _clean_up_killed_runs(data_dir):
+    """What a killed run (its process is gone) left: its temporary folder goes, and a dataset it had
+    moved aside to --overwrite goes back to its place if the new one never got there."""
+    for folder in glob.glob(os.path.join(glob.escape(data_dir), ".*.*-*")):
+        name, _, suffix = os.path.basename(folder)[1:].rpartition(".")
+        kind, _, pid = suffix.partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
         try:
-            if pid.isdigit() and int(pid) != os.getpid():
-                os.kill(int(pid), 0)  # signal 0: only asks whether the process is there
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process is there
+            continue
         except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
+            pass
         except OSError:
-            pass  # alive, owned by someone else
+            continue  # alive, owned by someone else
+        if kind == "old" and not os.path.exists(os.path.join(data_dir, name)):
+            os.replace(folder, os.path.join(data_dir, name))
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _with_progress(results, totals, total_bytes):
@@ -286,6 +275,8 @@ def prepare(sources, name=None, tokenizer="gpt2", data_dir=DATA_DIR, val_fractio
     path = os.path.join(data_dir, name)
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is a file, not a folder")
+    if os.path.isdir(data_dir):
+        _clean_up_killed_runs(data_dir)
     if os.path.exists(path) and not overwrite:
         raise DataError(f"{path} already exists; pass --overwrite to replace it, or choose "
                         f"another --name")
@@ -297,18 +288,15 @@ def prepare(sources, name=None, tokenizer="gpt2", data_dir=DATA_DIR, val_fractio
     start = time.time()
     tmp = os.path.join(data_dir, f".{name}.tmp-{os.getpid()}")
     old = os.path.join(data_dir, f".{name}.old-{os.getpid()}")  # what --overwrite replaces
-    # llm.c numbering: the first val shard is 000000, the first train 000001, then both count on
-    later = itertools.count(2)
-    writers = {split: ShardWriter(tmp, f"{name}_{split}", shard_tokens,
-                                  itertools.chain([first], later))
-               for split, first in (("val", 0), ("train", 1))}
+    later = itertools.count(2)  # llm.c numbering: val 000000, train 000001, then both count on
+    writers = {split: ShardWriter(tmp, f"{name}_{split}", shard_tokens, itertools.chain([n], later))
+               for split, n in (("val", 0), ("train", 1))}
     totals = collections.Counter()  # documents per split, tokens, input bytes, ...
-    chunks = _chunks(iter_documents(entries, totals), CHUNK_BYTES)
+    chunks = iter_chunks(entries, totals, CHUNK_BYTES)
     results = _map_ordered(encode_chunk, chunks, workers, (tokenizer, val_fraction))
     shown = results if quiet else _with_progress(results, totals, total_bytes)
     try:
         os.makedirs(data_dir, exist_ok=True)
-        _remove_stale_temporaries(data_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         with contextlib.closing(results):  # closing stops the worker pool on any error
@@ -322,7 +310,7 @@ def prepare(sources, name=None, tokenizer="gpt2", data_dir=DATA_DIR, val_fractio
         documents = totals["train"] + totals["val"]
         if documents == 0:
             raise DataError(f"empty corpus: {' '.join(sources)} holds no text ({totals['empty']} "
-                            f"empty documents)")
+                            "empty documents); point prepare.py at files that hold text")
         for split, other in (("val", "train"), ("train", "val")):
             if totals[split] == 0:
                 raise DataError(f"the {split} split is empty: all {documents} document(s) went "
@@ -349,7 +337,7 @@ def prepare(sources, name=None, tokenizer="gpt2", data_dir=DATA_DIR, val_fractio
         fsync_dir(data_dir)
     except BaseException as e:  # errors and Ctrl-C alike: nothing half-written stays behind
         for writer in writers.values():
-            writer.abandon()
+            writer.close(complete=False)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # reading errors are DataErrors already: a write failed
             message = f"cannot write {path}: {e.strerror or e} (no dataset was written)"

@@ -1,9 +1,7 @@
 """
 What a run writes besides its checkpoint, and how it prints: the one atomic file writer,
 metrics.jsonl, the log line and eval block, the learned layer weights as json/txt/png, peak memory.
-
-No torch import here: prepare.py uses the writer in its worker-free main process, and compare.py
-reads metrics.jsonl, without paying for torch.
+No torch import: prepare.py and compare.py use it without paying for torch.
 """
 import contextlib
 import json
@@ -26,10 +24,9 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
+    finally:
+        with contextlib.suppress(OSError):  # no tmp left after os.replace
             os.remove(tmp)
-        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -108,19 +105,14 @@ def format_start(start, config, compiled, eval_windows):
 
 def format_eval(rec):
     """An eval record as the block the original experiment printed (HF Trainer's layout)."""
-    h, rest = divmod(rec["eval_runtime"], 3600)
-    m, s = divmod(rest, 60)
-    rows = [("epoch", f"{rec['epoch']:.4f}"),
-            ("eval_accuracy", f"{rec['eval_accuracy']:.4f}"),
-            ("eval_loss", f"{rec['eval_loss']:.4f}"),
-            ("eval_perplexity", f"{rec['eval_perplexity']:.4f}"),
-            ("eval_runtime", f"{int(h)}:{int(m):02d}:{s:05.2f}"),
-            ("eval_samples", f"{rec['eval_samples']}"),
-            ("eval_samples_per_second", f"{rec['eval_samples_per_second']:.3f}"),
-            ("eval_steps_per_second", f"{rec['eval_steps_per_second']:.3f}")]
-    width = max(len(v) for _, v in rows)
+    t = rec["eval_runtime"]
+    rows = {k: f"{rec[k]:.4f}" for k in ("epoch", "eval_accuracy", "eval_loss", "eval_perplexity")}
+    rows["eval_runtime"] = f"{int(t // 3600)}:{int(t % 3600 // 60):02d}:{t % 60:05.2f}"
+    rows["eval_samples"] = str(rec["eval_samples"])
+    rows.update((k, f"{rec[k]:.3f}") for k in ("eval_samples_per_second", "eval_steps_per_second"))
+    width = max(map(len, rows.values()))
     return (f"***** eval metrics (iter {rec['iter']}) *****\n"
-            + "\n".join(f"  {k:<23} = {v:>{width}}" for k, v in rows))
+            + "\n".join(f"  {k:<23} = {v:>{width}}" for k, v in rows.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -141,17 +133,12 @@ MIXING = {  # mode -> (what a row holds, what a heatmap column is)
 def mixing_rows(model):
     """One row per block (per z_k in mode 6): index, count, raw parameters and the weights a heatmap
     shows ('normalized'); count 0 and nulls where a row has none, and in modes without mixing."""
-    mixing = model.mixing_weights()
-    if mixing is None:
-        return [{"index": m, "count": 0, "raw": None, "normalized": None}
-                for m in range(model.config.n_layer)]
-    rows = []
-    for i, raw in enumerate(mixing["raw"]):
-        weights = mixing["rows"][i] if mixing["rows"] is not None else None
-        rows.append({"index": i, "count": 0 if weights is None else len(weights),
-                     "raw": None if raw is None else raw.tolist(),
-                     "normalized": None if weights is None else weights.tolist()})
-    return rows
+    mixing = model.mixing_weights() or {"rows": None, "raw": [None] * model.config.n_layer}
+    weights = mixing["rows"] or [None] * len(mixing["raw"])
+    return [{"index": i, "count": 0 if w is None else len(w),
+             "raw": None if raw is None else raw.tolist(),
+             "normalized": None if w is None else w.tolist()}
+            for i, (raw, w) in enumerate(zip(mixing["raw"], weights))]
 
 
 def format_mixing(rows, mode):
@@ -163,24 +150,20 @@ def format_mixing(rows, mode):
 
 def write_mixing(out_dir, rows, model_args, saved_at, mode_name):
     """layer_weights.json (shape of the original's file), .txt (its readable report) and .png."""
-    config = {k: model_args[k]
-              for k in ("n_layer", "n_embd", "n_head", "mlp_hidden", "residual_mode")}
+    names = {"n_layer": "layers", "n_embd": "hidden size", "n_head": "attention heads",
+             "mlp_hidden": "MLP (intermediate) size"}
+    config = {k: model_args[k] for k in (*names, "residual_mode")}
     mode, label = config["residual_mode"], "z" if config["residual_mode"] == 6 else "Layer"
     atomic_write(os.path.join(out_dir, "layer_weights.json"),
                  json.dumps({"saved_at": saved_at, "config": config, "layers": rows}, indent=1))
     lines = [f"Learned residual mixing (residual_mode {mode}, {mode_name}): "
              f"{MIXING.get(mode, ('none',))[0]}", f"Saved at: {saved_at}", "",
-             "Model configuration:", f"  layers: {config['n_layer']}",
-             f"  hidden size: {config['n_embd']}",
-             f"  attention heads: {config['n_head']}",
-             f"  MLP (intermediate) size: {config['mlp_hidden']}", ""]
+             "Model configuration:", *(f"  {name}: {config[k]}" for k, name in names.items()), ""]
     for r in rows:
-        if not r["count"]:
-            lines.append(f"{label} {r['index']} (index {r['index']}): no weight parameters")
-        else:
-            lines += [f"{label} {r['index']} (index {r['index']}): {r['count']} weight parameters",
-                      f"  raw weights: {r['raw']}",
-                      f"  normalized weights: {r['normalized']}"]
+        count = f"{r['count']} weight parameters" if r["count"] else "no weight parameters"
+        lines.append(f"{label} {r['index']} (index {r['index']}): {count}")
+        if r["count"]:
+            lines += [f"  raw weights: {r['raw']}", f"  normalized weights: {r['normalized']}"]
     atomic_write(os.path.join(out_dir, "layer_weights.txt"), "\n".join(lines) + "\n")
     plt = pyplot("train.py", "no layer_weights.png") if any(r["count"] for r in rows) else None
     if plt is not None:
@@ -213,25 +196,19 @@ def save_figure(plt, fig, path):
 def draw_layer_heatmap(fig, ax, rows, digits, mode, title):
     """rows[r]: the weights of heatmap row r (block m, or z_k in mode 6), or None: drawn row by row,
     lower-triangular where each row reaches one further back, blank where a row has none."""
-    width = max((len(row) for row in rows if row is not None), default=1)
-    grid = np.full((len(rows), width), np.nan)  # nan stays blank
-    for r, row in enumerate(rows):
-        if row is not None:
-            grid[r, :len(row)] = row
+    rows = [[] if row is None else list(row) for row in rows]
+    width = max([1, *map(len, rows)])
+    grid = np.array([row + [np.nan] * (width - len(row)) for row in rows])  # nan stays blank
     image = ax.imshow(grid, cmap="viridis", vmin=min(0.0, np.nanmin(grid)))
     if grid.size <= 400:
         for r, i in zip(*np.nonzero(~np.isnan(grid))):
             ax.text(i, r, f"{grid[r, i]:.{digits}f}", ha="center", va="center", fontsize=7,
                     color="w")
-    ax.set_xlabel(MIXING[mode][1])
-    ax.set_ylabel("sublayer input z_k" if mode == 6 else "block m")
-    ax.set_xticks(range(width))
-    ax.set_yticks(range(len(rows)))
+    ax.set(xlabel=MIXING[mode][1], ylabel="sublayer input z_k" if mode == 6 else "block m",
+           xticks=range(width), yticks=range(len(rows)))
     ax.set_title(f"{MIXING[mode][0]}\n{title}", fontsize=9)
     fig.colorbar(image, ax=ax)
 
-
-# -----------------------------------------------------------------------------
 
 def peak_memory_bytes(device_type):
     """Peak memory of this process: allocated CUDA memory on a GPU, else peak resident memory."""
@@ -243,9 +220,8 @@ def peak_memory_bytes(device_type):
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024  # kB
-    try:
+    with contextlib.suppress(ImportError):  # Windows has no resource module
         import resource
-    except ImportError:  # Windows
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    return None

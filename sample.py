@@ -8,10 +8,10 @@ Sample from a trained model, printing tokens as they are produced.
 Options are the globals below, set by config files and --key=value flags as in train.py. The
 tokenizer is the one named in the checkpoint, so nothing is read from data/.
 """
+import contextlib
 import glob
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
@@ -84,28 +84,25 @@ def read_start(text, tokenizer, vocab_size):
             raise ConfigError(f"cannot read the start text from {text[5:]}: {e}") from None
     if text == "":
         return text, [tokenizer.eot_token]
-    try:
+    with contextlib.suppress(UnicodeError, ValueError):
         ids = tokenizer.encode(text)
-        exact = tokenizer.decode(ids) == text
-    except (UnicodeError, ValueError):
-        exact, ids = False, []
-    if not exact or any(i >= vocab_size for i in ids):
-        raise ConfigError(f"the {tokenizer.name} tokenizer of this checkpoint cannot represent "
-                          "the start text exactly (invalid Unicode such as a lone surrogate?); "
-                          "pass UTF-8 text")
-    return text, ids
+        if tokenizer.decode(ids) == text and all(i < vocab_size for i in ids):
+            return text, ids
+    raise ConfigError(f"the {tokenizer.name} tokenizer of this checkpoint cannot represent "
+                      "the start text exactly (invalid Unicode such as a lone surrogate?); "
+                      "pass UTF-8 text")
 
 
 def main(config):
     device = configurator.resolve_device(config["device"])
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device_type = device.split(":")[0]  # cuda:1 -> cuda
     dtype = configurator.resolve_dtype(config["dtype"], device_type)
     path = config["ckpt"] or find_checkpoint(config["out_dir"])
     model, tokenizer = load_model(path, device, config["compile"])
     text, prompt = read_start(config["start"], tokenizer, model.config.vocab_size)
 
-    autocast = (nullcontext() if dtype == "float32"
-                else torch.autocast(device_type, dtype=configurator.DTYPES[dtype]))
+    autocast = torch.autocast(device_type, dtype=configurator.DTYPES[dtype],
+                              enabled=dtype != "float32")
     generator = torch.Generator(device=device).manual_seed(config["seed"])
     out = sys.stdout.buffer
     for _ in range(config["num_samples"]):

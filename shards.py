@@ -29,7 +29,11 @@ def _error(path, problem, file=None):
     dataset at path, exact for a built-in one."""
     path = os.path.normpath(path)
     name = os.path.basename(path)
-    sources, tokenizer = BUILTIN_DATASETS.get(name, ([f"SOURCE --name {name}"], "gpt2"))
+    sources, tokenizer = BUILTIN_DATASETS.get(name, ([f"SOURCE --name {name}"], None))
+    try:  # a dataset of one's own: its meta.json, where readable, names its tokenizer
+        tokenizer = tokenizer or json.load(open(os.path.join(path, "meta.json")))["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = "gpt2"
     flags = f"--tokenizer {tokenizer} --data-dir {os.path.dirname(path) or '.'}"
     flags += " --overwrite" if os.path.exists(path) else ""
     return DataError(f"{file or path}: {problem}; prepare it with `python prepare.py "

@@ -56,8 +56,7 @@ BUILTIN_DATASETS = {dataset_name([corpus], tokenizer): ([corpus], tokenizer)
 
 
 def _walk(root, suffix="", skip=()):
-    """The files under root whose names end in suffix, sorted by path; hidden files and folders
-    (.git, ...) and the folders named in skip are left out."""
+    """The files under root ending in suffix, sorted; hidden ones (.git, ...) and skip left out."""
     files = []
     for parent, folders, names in os.walk(root):
         folders[:] = [d for d in folders if d[:1] != "." and d not in skip]
@@ -131,13 +130,18 @@ def _download(url, label):
                         f"pystdlib) or a local text file")
 
 
-def read_documents(kind, where):
+def read_documents(kind, where, paths=False):
     """Yields the documents of one entry as (raw UTF-8 bytes, input bytes they took): the whole
     file or download, one per JSONL record, or tiny-shakespeare's blank-line separated passages
-    (speeches: a document-level split can use them; joined with blank lines they give the file)."""
+    (speeches: a document-level split can use them; joined with blank lines they give the file).
+    paths=True: a plain local file (not JSONL, not .gz) comes as its path, for a worker to read;
+    read here, every file would pass through this one process."""
     name = (where if kind == "file" else urllib.parse.urlparse(where).path).lower()
     label = "tiny-shakespeare" if kind == "shakespeare" else where
     try:
+        if paths and kind == "file" and not name.endswith((".jsonl", ".gz")):
+            yield where, os.path.getsize(where)  # checked here, so that errors come in corpus order
+            return
         raw = open(where, "rb") if kind == "file" else _download(where, label)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else raw
         with raw, stream:
@@ -170,19 +174,17 @@ def read_documents(kind, where):
         yield passage, len(passage) + (2 if i < len(passages) - 1 else 0)
 
 
-def iter_documents(entries, counts):
-    """All documents in order, as (raw bytes, size), counting input bytes in counts["bytes_in"]. A
-    plain local file (not JSONL, not .gz) travels as its path instead, for the worker to read: read
-    here, every file would pass through this one process."""
+def iter_chunks(entries, counts, chunk_bytes):
+    """All documents in order (plain files as paths), in lists of about chunk_bytes of input, one
+    worker task each; counts["bytes_in"] counts the input bytes."""
+    chunk, size = [], 0
     for kind, where in entries:
-        if kind == "file" and not where.lower().endswith((".jsonl", ".gz")):
-            try:  # here, so that errors come in corpus order
-                size = os.path.getsize(where)
-            except OSError as e:
-                raise DataError(f"{where}: cannot read ({e.strerror or e})")
-            counts["bytes_in"] += size
-            yield where, size
-            continue
-        for data, n_input in read_documents(kind, where):
+        for document, n_input in read_documents(kind, where, paths=True):
+            chunk.append(document)
+            size += n_input
             counts["bytes_in"] += n_input
-            yield data, len(data)
+            if size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk

@@ -88,6 +88,9 @@ def one_line_errors(kind, error, traceback):
     ours = (configurator.ConfigError, checkpoint.CheckpointError, prepare.DataError, NonFiniteLoss)
     if issubclass(kind, ours):
         print(f"train.py: {error}", file=sys.stderr)
+    elif issubclass(kind, OSError):  # a full disk, an unwritable out_dir: files, not the code
+        print(f"train.py: {error}; check the path, its permissions and the free disk space "
+              "(the last checkpoint is intact)", file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, traceback)
 
@@ -256,6 +259,7 @@ saved_iter = iter_num  # the iteration ckpt.pt holds (a fresh run has none, and 
 metrics_file = None  # rank 0 only
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    checkpoint.remove_temporaries(out_dir)  # what a run killed inside a write left behind
     report.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
     metrics_file = report.open_metrics(os.path.join(out_dir, "metrics.jsonl"),
                                        iter_num if ckpt else None)
@@ -324,9 +328,9 @@ while True:
     if is_ckpt:
         ranks = checkpoint.rank_states(ddp, loss_sum)  # a collective: every rank takes part
         if master:
-            checkpoint.save(ckpt_path, {
-                "format_version": checkpoint.FORMAT_VERSION, "model_args": model_args,
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint.save(ckpt_path, {  # with its format version and sha256
+                "model_args": model_args, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "iter_num": iter_num, "data_pos": data_pos, "ranks": ranks,
                 "window_iters": window_iters, "config": config,

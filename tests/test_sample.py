@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import checkpoint as checkpoint_lib
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,10 +117,12 @@ def write_checkpoint(path, tokenizer, mode=3, n_layer=3, **overrides):
     vocab = {"byte": 257, "gpt2": 50257}[tokenizer]
     model = tiny_model(mode, vocab_size=vocab + (-vocab % 64), block_size=32, dtype=torch.float32,
                        n_layer=n_layer)
-    checkpoint = {"format_version": 1, "model_args": asdict(model.config), "model": model.state_dict(),
-                  "tokenizer": {"name": tokenizer, "vocab_size": vocab, "eot_token": vocab - 1}}
-    checkpoint.update(overrides)
-    torch.save(checkpoint, path)
+    ckpt = {"model_args": asdict(model.config), "model": model.state_dict(),
+            "tokenizer": {"name": tokenizer, "vocab_size": vocab, "eot_token": vocab - 1}, **overrides}
+    if "format_version" in overrides:  # another version: written as it is
+        torch.save(ckpt, path)
+    else:  # with the format version and checksum, as train.py writes it
+        checkpoint_lib.save(str(path), ckpt)
     return path
 
 

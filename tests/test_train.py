@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import configurator
 import prepare
 import shards
@@ -176,7 +177,7 @@ def test_eval_metrics_match_an_independent_recomputation_from_the_checkpoint(run
 def test_checkpoint_contract(runs):
     out, _ = runs[3]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
-    assert ckpt["format_version"] == 1 and ckpt["done"] is True
+    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION and ckpt["done"] is True
     assert ckpt["iter_num"] == MAX_ITERS and ckpt["data_pos"] == MAX_ITERS * 8
     assert ckpt["model_args"] == {"n_layer": 3, "n_head": 2, "n_embd": 32, "mlp_hidden": 128, "block_size": 32,
                                   "dropout": 0.0, "bias": True, "residual_mode": 3, "vocab_size": 320}
