@@ -51,7 +51,7 @@ def save(path, ckpt):
     ckpt["sha256"] = digest(ckpt).hexdigest()
     try:
         atomic_write(path, lambda f: torch.save(ckpt, f))
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a failed write
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: {first}); the "
                               "one saved before is intact: free disk space, then resume with "

@@ -80,8 +80,9 @@ def paired_interval(a, b):
     mean, std = mean_std(list(diffs.values()))
     d = {"per_seed": diffs, "mean": mean, "std": std}
     if std is None:
-        return {**d, "low": None, "high": None, "excludes_zero": None, "p": None, "detectable": None}
-    return {**d, **interval(d, CONFIDENCE), "p": p_value(d), "detectable": detectable(std, len(diffs))}
+        return {**d, **dict.fromkeys(("low", "high", "excludes_zero", "p", "detectable"))}
+    return {**d, **interval(d, CONFIDENCE), "p": p_value(d),
+            "detectable": detectable(std, len(diffs))}
 
 
 def detectable(std, n):
@@ -172,7 +173,8 @@ def parse_args(argv):
     for spec in args.sweep:
         key, _, values = spec.partition("=")
         try:
-            configurator.check_key(key, f"--sweep {spec}", configurator.defaults(TRAIN_PY), "train.py")
+            configurator.check_key(key, f"--sweep {spec}", configurator.defaults(TRAIN_PY),
+                                   "train.py")
         except configurator.ConfigError as e:
             raise CompareError(e) from None
         if key in SET_PER_RUN or key in flag_keys or not values or key in args.grid[0]:
@@ -328,7 +330,7 @@ def load_run(run):
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise CompareError(f"cannot read the results in {run['out_dir']} ({type(e).__name__}: {e})"
                            "; delete that folder and rerun to redo the run") from None
-    return {"mode": run["mode"], "seed": run["seed"], "value": run["value"], "out_dir": run["out_dir"],
+    return {**{k: run[k] for k in ("mode", "seed", "value", "out_dir")},
             "iter": done["iter"], "tokens": done["tokens"],
             **{k: done[k] for k in ("eval_loss", "eval_perplexity", "eval_accuracy")},
             # the median of the logged rates, skipping the first: it carries the warm-up
@@ -346,7 +348,7 @@ def read_note_weights():
 
 
 def correlation(a, b):
-    """Pearson's r of two rows of weights; None for a missing row, or one too short (< 3) or flat."""
+    """Pearson's r of two rows of weights; None for a missing, short (< 3) or flat row."""
     try:
         return statistics.correlation(a, b) if a and b and len(a) > 2 else None
     except statistics.StatisticsError:  # a row with every weight equal
