@@ -122,9 +122,8 @@ def to_device(windows):
     """(B, T + 1) tokens -> x, y: (B, T) inputs and next-token targets on the device."""
     b = torch.from_numpy(windows)
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        b = b.pin_memory().to(device, non_blocking=True)
-    else:
-        b = b.to(device)
+        b = b.pin_memory()
+    b = b.to(device, non_blocking=True)
     return b[:, :-1].contiguous(), b[:, 1:].contiguous()
 
 
@@ -330,9 +329,8 @@ while True:
         if master:
             checkpoint.save(ckpt_path, {  # with its format version and sha256
                 "model_args": model_args, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "iter_num": iter_num, "data_pos": data_pos, "ranks": ranks,
+                "optimizer": optimizer.state_dict(), "iter_num": iter_num, "data_pos": data_pos,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
                 "window_iters": window_iters, "config": config,
                 "tokenizer": tokenizer, "best_val_loss": best_val_loss, "last_eval": last_eval,
                 "done": finished, "elapsed": elapsed_before + time.perf_counter() - t_start})
