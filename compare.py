@@ -457,6 +457,10 @@ def summary_markdown(s, title=None):
                     "peak memory"], rows)
     lines += ["", "Ranking by mean final eval loss, best first: "
               + " > ".join(f"{m} ({s['modes'][m]['name']})" for m in s["ranking"])]
+    differ = [f"{m} ({'lower' if d['mean'] < 0 else 'higher'})" for m, d in s["paired"].items()
+              if d["holm"]["excludes_zero"]]
+    lines += [f"Different from mode {base} after Holm's correction (what a ranking claim rests "
+              f"on): {', '.join(differ) or 'none'}"]
     held = "held" if all(c["holds"] for c in claims) else "did not hold"
     original = (f"Original ranking (1 > 0 > 2, 3 ≥ 1): **{held}** at this scale on the mean "
                 f"losses; its {len(claims)} comparisons (first mode's loss minus second's), "

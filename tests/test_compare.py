@@ -206,6 +206,9 @@ def test_summary_of_synthetic_runs(tmp_path):
     for column in ("raw 95% interval", "raw p", "Holm p", "Holm interval"):
         assert column in header
     assert "rests on the Holm-adjusted" in text and "Holm's correction within these 3" in text
+    differ = [m for m, d in s["paired"].items() if d["holm"]["p"] < 0.05]
+    assert f"after Holm's correction (what a ranking claim rests on): " + (
+        ", ".join(f"{m} (higher)" if s["paired"][m]["mean"] > 0 else f"{m} (lower)" for m in differ) or "none") in text
     row = next(line for line in text.splitlines() if line.startswith("| 2 | +0.2000"))
     assert f"| {compare.fmt_p(p['p'])} | {compare.fmt_p(p['holm']['p'])} |" in row
     json.dumps(s, allow_nan=False)  # valid JSON: no NaN anywhere
