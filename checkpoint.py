@@ -6,9 +6,7 @@ A checkpoint is a dict of tensors and plain values, so it loads with weights_onl
 file runs no code from it. It carries the sha256 of its contents: a bit flipped on disk or in a copy
 stops the loader instead of being trained on.
 """
-import glob
 import hashlib
-import os
 import signal
 
 import torch
@@ -56,12 +54,6 @@ def save(path, ckpt):
         raise CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: {first}); the "
                               "one saved before is intact: free disk space, then resume with "
                               "--init_from=resume") from None
-
-
-def remove_temporaries(out_dir):
-    """Deletes the temporary files of writes that a killed run left unfinished in out_dir."""
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp[0-9]*")):
-        os.remove(stale)
 
 
 def load(path, fix_if_missing):

@@ -374,8 +374,8 @@ def summarize(results, args, command):
             mean = [None if b is None else [mu for mu, _ in b] for b in blocks]
             std = [None if b is None or len(grids) < 2 else [sd for _, sd in b] for b in blocks]
             entry["layer_weights"] = {"mean": mean, "std": std, "seeds": len(grids)}
-            note = read_note_weights()
-            if mode == 3 and len(note) == len(mean):  # the note's depth: compare the patterns
+            note = read_note_weights() if mode == 3 else []
+            if len(note) == len(mean):  # the note's mode at the note's depth: compare the patterns
                 entry["note_correlation"] = [correlation(a, b) for a, b in zip(mean, note)]
     loss = {m: modes[m]["eval_loss"]["per_seed"] for m in modes}
     paired = {m: paired_interval(loss[m], loss[args.baseline]) for m in args.modes

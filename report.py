@@ -4,6 +4,7 @@ metrics.jsonl, the log line and eval block, the learned layer weights as json/tx
 No torch import: prepare.py and compare.py use it without paying for torch.
 """
 import contextlib
+import glob
 import json
 import os
 import sys
@@ -28,6 +29,12 @@ def atomic_write(path, data):
         with contextlib.suppress(OSError):  # no tmp left after os.replace
             os.remove(tmp)
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def remove_temporaries(folder):
+    """Deletes the temporary files (path.tmpPID) that atomic writes of a killed run left behind."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):
+        os.remove(stale)
 
 
 def fsync_dir(path):

@@ -258,7 +258,7 @@ saved_iter = iter_num  # the iteration ckpt.pt holds (a fresh run has none, and 
 metrics_file = None  # rank 0 only
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    checkpoint.remove_temporaries(out_dir)  # what a run killed inside a write left behind
+    report.remove_temporaries(out_dir)  # what a run killed inside a write left behind
     report.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
     metrics_file = report.open_metrics(os.path.join(out_dir, "metrics.jsonl"),
                                        iter_num if ckpt else None)
