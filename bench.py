@@ -17,9 +17,9 @@ import time
 
 import torch
 
-import configurator
-import report
-from model import GPT, GPTConfig, measure_cpu_matmul_flops, peak_flops
+from harness import configurator, report
+from harness.hardware import measure_cpu_matmul_flops, peak_flops
+from model import GPT, GPTConfig, MODES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +53,7 @@ def run_python(code, peak=None):
     """The last number that code prints in a fresh python, or with peak (a device type) that
     process's peak memory in bytes."""
     if peak:
-        code += f"\nimport report\nprint(report.peak_memory_bytes({peak!r}))"
+        code += f"\nfrom harness import report\nprint(report.peak_memory_bytes({peak!r}))"
     return float(python("-c", code).split()[-1])
 
 
@@ -118,7 +118,7 @@ class NaiveGPT(GPT):
 
 
 # (name, class, residual mode): a variant is one more entry; the first is every ratio's baseline
-MODEL_VARIANTS = [(f"mode {m}", GPT, m) for m in range(8)] + [
+MODEL_VARIANTS = [(f"mode {m}", GPT, m) for m in range(len(MODES))] + [
     (f"naive {m}", NaiveGPT, m) for m in (1, 2, 3, 5, 6)]
 # compiled: (least tokens/s, most saved bytes/token), both as ratios to mode 0
 MODEL_TARGETS = {"mode 1": (0.97, 1.02), "mode 2": (0.97, 1.02), "mode 3": (0.95, 1.05),
@@ -171,10 +171,17 @@ def saved_bytes_per_token(model, x, y):
     return sum(storages.values()) / x.numel()
 
 
+def strict_compile(limit=8):
+    """Dynamo compiles a code object (GPT.forward, shared by every model in the process) at most
+    `limit` times, then silently runs it eager: here that is an error instead, so that a row
+    labelled "compiled" was compiled."""
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def bench_model(rounds=7):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # every variant compiles the same forward: past the default 8 recompiles, dynamo runs it eager
-    torch._dynamo.config.recompile_limit = 64
+    strict_compile(64)  # every variant stays compiled at once, for the interleaved rounds
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     x, y = model_batch(device)
     print(f"device {device}, threads {torch.get_num_threads()}, config {MODEL_BENCH}, "
@@ -212,20 +219,18 @@ def bench_model(rounds=7):
 # prepare: tokenizing throughput against a bare tiktoken loop, parallel speed-up, memory bound
 
 def bench_prepare(rounds=5, rss_shard_tokens=10_000_000):
-    import platform
     import prepare
-    import shards
-    import sources
+    from harness import shards, sources
     try:
         enc = prepare.get_tokenizer("gpt2")
     except prepare.DataError as e:
         print(f"prepare: skipped, {e}")
         return
     # the default corpus, exactly what prepare.py tokenizes (sorted stdlib .py files)
-    entries, _, n_bytes = sources.resolve_sources(["pystdlib"])
+    entries, [described], n_bytes = sources.resolve_sources(["pystdlib"])
     texts = [open(path, "rb").read().decode("utf-8", "replace") for _, path in entries]
     mb = n_bytes / 1e6
-    print(f"prepare on the Python {platform.python_version()} stdlib ({mb:.1f} MB, {len(texts)} "
+    print(f"prepare on the Python {described['python']} stdlib ({mb:.1f} MB, {len(texts)} "
           f"files, gpt2), median of {rounds} interleaved rounds; peak RSS with --tokenizer byte "
           f"--shard-tokens {rss_shard_tokens:,}")
     rows = []
@@ -285,10 +290,9 @@ def cpu_run(*flags):
     (unpadded) of `python train.py configs/method3.py configs/cpu.py [flags]`."""
     cfg = configurator.load([*TRAIN_CONFIGS, *flags], configurator.defaults("train.py"))
     vocab = 257 if cfg["dataset"].endswith("_byte") else 50257
-    args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "residual_mode")}
+    args = configurator.model_args(cfg, GPTConfig)  # train.py's own: every GPTConfig key it has
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**args, mlp_hidden=cfg["mlp_hidden"] or None,
-                          vocab_size=vocab + (-vocab % 64)))
+    model = GPT(GPTConfig(**args, vocab_size=vocab + (-vocab % 64)))
     return cfg, model, vocab
 
 
@@ -351,11 +355,13 @@ def bench_train(rounds=3, iters=40, log_interval=10):
 
 
 def generation(model, vocab, new_tokens, use_cache):
-    """A function that generates new_tokens from one token, batch 1, with or without the cache."""
-    prompt = torch.zeros(1, 1, dtype=torch.long)
+    """A function that generates new_tokens from one token, batch 1, with or without the cache, on
+    the model's device."""
+    device = next(model.parameters()).device
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     return functools.partial(model.generate, prompt, new_tokens, temperature=1.0, top_k=200,
-                             use_cache=use_cache, generator=torch.Generator().manual_seed(0),
-                             vocab_size=vocab)
+                             use_cache=use_cache, vocab_size=vocab,
+                             generator=torch.Generator(device=device).manual_seed(0))
 
 
 def bench_sample(new_tokens=256, rounds=5, long_tokens=1024, long_block=512, long_rounds=3):
@@ -389,7 +395,7 @@ def bench_sample(new_tokens=256, rounds=5, long_tokens=1024, long_block=512, lon
             for name, t in tps.items()]
     rows[0] += ["(weight-read bound)"]
     runs = {}
-    for mode in range(8):
+    for mode in range(len(MODES)):
         _, model, vocab = cpu_run(f"--residual_mode={mode}", f"--block_size={long_block}")
         for cache in (True, False):
             runs[mode, cache] = generation(model.eval(), vocab, long_tokens, cache)
@@ -397,7 +403,7 @@ def bench_sample(new_tokens=256, rounds=5, long_tokens=1024, long_block=512, lon
           flush=True)
     with torch.inference_mode():
         seconds = interleaved(runs, long_rounds)
-    for mode in range(8):
+    for mode in range(len(MODES)):
         speedup = seconds[mode, False] / seconds[mode, True]
         rows.append([f"block {long_block}, mode {mode}: KV cache",
                      f"{long_tokens / seconds[mode, True]:.0f}",
@@ -414,16 +420,18 @@ def bench_gpu(steps=12, tokens=256):
     if not torch.cuda.is_available():
         print("gpu: no CUDA GPU here; skipped (run it on a machine with one)")
         return
-    cfg = configurator.load([], configurator.defaults("train.py"))  # the note's model
+    cfg = configurator.defaults("train.py")  # the note's model
     args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size")}
-    peak = peak_flops("cuda", torch.bfloat16)
+    peak, source = peak_flops("cuda", torch.bfloat16)
     print(f"device {torch.cuda.get_device_name()}, dtype bfloat16 (auto: "
-          f"{configurator.resolve_dtype('auto', 'cuda')}), peak {(peak or 0) / 1e12:.0f} TFLOP/s, "
-          f"{args}")
+          f"{configurator.resolve_dtype('auto', 'cuda')}), peak {(peak or 0) / 1e12:.0f} TFLOP/s "
+          f"({source}), {args}")
     x = torch.randint(0, 50257, (cfg["batch_size"], cfg["block_size"] + 1), device="cuda")
     x, y = x[:, :-1], x[:, 1:]
     rows, base = [], None
-    for mode in range(8):
+    strict_compile()
+    for mode in range(len(MODES)):
+        torch._dynamo.reset()  # a fresh count of compiles for each mode's model
         torch.cuda.reset_peak_memory_stats()  # the last mode's model is freed by now
         model, optimizer = model_make(GPT, x, y, True, torch.bfloat16, **args, residual_mode=mode,
                                       vocab_size=50304)

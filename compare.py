@@ -21,11 +21,9 @@ import subprocess
 import sys
 import time
 
-import configurator
 import model as model_lib
 import prepare
-import report
-import shards
+from harness import configurator, report, shards
 
 RUNS_DIR = "runs"  # runs/NAME/modeM_seedS is each run's out_dir
 RESULTS_DIR = "results"  # results/NAME/ gets the summaries and plots
@@ -38,6 +36,10 @@ SET_PER_RUN = {"residual_mode": "--modes", "seed": "--seeds", "out_dir": "--name
 # the original note: method 1 > method 0 > method 2, and method 3 at least as good as method 1
 ORIGINAL_CLAIMS = [(1, 0, True), (0, 2, True), (3, 1, False)]  # (better, worse, strict)
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+SCORES = ("eval_loss", "eval_perplexity", "eval_accuracy")  # a run's final scores
+# sweep keys that change the corpus, the eval set or the length of training: raw losses at two of
+# their values measure different things, so only the paired effects are compared across them
+INCOMPARABLE = ("dataset", "data_dir", "block_size", "eval_iters", "max_iters", "max_epochs")
 
 
 class CompareError(Exception):
@@ -200,8 +202,10 @@ def plan_runs(args, flags):
                 out_dir = os.path.join(RUNS_DIR, args.name, name)
                 argv = [*args.configs, *flags, *(f"--{k}={v}" for k, v in point.items()),
                         f"--residual_mode={mode}", f"--seed={seed}", f"--out_dir={out_dir}"]
-                config = configurator.load(argv, defaults, "train.py")
+                config = configurator.load(argv, defaults, "train.py",
+                                           {"residual_mode": model_lib.parse_residual_mode})
                 configurator.check_train(config)
+                configurator.model_args(config, model_lib.GPTConfig)  # the model's own checks
                 runs.append({"mode": mode, "seed": seed, "value": value_name(point), "name": name,
                              "out_dir": out_dir, "argv": argv, "config": config})
     return runs
@@ -209,7 +213,8 @@ def plan_runs(args, flags):
 
 def run_state(run):
     """'done', 'resume' (from its checkpoint) or 'new'. A folder that compare.py did not start, or
-    started with other settings (its compare.json), is refused rather than mixed into the sweep."""
+    started with other settings (its compare.json), is refused rather than mixed into the sweep. A
+    key added to train.py since the run started had its default then."""
     out, path = run["out_dir"], os.path.join(run["out_dir"], "compare.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -219,6 +224,7 @@ def run_state(run):
     if old is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise CompareError(f"{out} holds a run without a readable compare.json, so not one that "
                            "compare.py started: delete it or choose another --name")
+    old = None if old is None else {**configurator.defaults(TRAIN_PY), **old}
     changed = [f"{k} {old.get(k)!r} then, {v!r} now" for k, v in run["config"].items()
                if old is not None and old.get(k) != v]
     if changed:
@@ -331,8 +337,7 @@ def load_run(run):
         raise CompareError(f"cannot read the results in {run['out_dir']} ({type(e).__name__}: {e})"
                            "; delete that folder and rerun to redo the run") from None
     return {**{k: run[k] for k in ("mode", "seed", "value", "out_dir")},
-            "iter": done["iter"], "tokens": done["tokens"],
-            **{k: done[k] for k in ("eval_loss", "eval_perplexity", "eval_accuracy")},
+            **{k: done[k] for k in ("iter", "tokens", *SCORES)},
             # the median of the logged rates, skipping the first: it carries the warm-up
             "tokens_per_sec": statistics.median(speeds[1:] or speeds) if speeds else None,
             "peak_memory_bytes": done.get("peak_memory_bytes"), "elapsed": done["elapsed"],
@@ -360,8 +365,8 @@ def summarize(results, args, command):
     modes = {}
     for mode in args.modes:
         rs = [r for r in results if r["mode"] == mode]
-        entry = modes[mode] = {"name": model_lib.MODE_NAMES[mode], "seeds": [r["seed"] for r in rs]}
-        for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):
+        entry = modes[mode] = {"name": model_lib.MODES[mode].name, "seeds": [r["seed"] for r in rs]}
+        for key in SCORES:
             mean, std = mean_std([r[key] for r in rs])
             entry[key] = {"mean": mean, "std": std, "per_seed": {r["seed"]: r[key] for r in rs}}
         for key, combine in (("tokens_per_sec", statistics.fmean), ("peak_memory_bytes", max)):
@@ -404,6 +409,21 @@ def across_values(blocks):
     return family
 
 
+def effect_by_value(blocks):
+    """-> ({mode: {value: its paired difference to the baseline}}, the interaction family). The
+    effects are each value's own (Holm over its modes, as in its block). The interaction: for each
+    mode and each later value v, (mode - baseline at v) - (mode - baseline at the first value),
+    paired by seed, with Holm's correction over all of those rows: does the effect change?"""
+    first, *others = blocks
+    effect = {m: {v: block["paired"][m] for v, block in blocks.items()}
+              for m in blocks[first]["paired"]}
+    interaction = {f"{m}: {v} − {first}": paired_interval(by_value[v]["per_seed"],
+                                                         by_value[first]["per_seed"])
+                   for m, by_value in effect.items() for v in others}
+    adjust_family(list(interaction.values()))
+    return effect, interaction
+
+
 def fmt(stat, digits=4):
     std = "" if stat["std"] is None else f" ± {stat['std']:.{digits}f}"
     return f"{stat['mean']:.{digits}f}{std}"
@@ -417,6 +437,14 @@ def fmt_interval(d):
     return f"[{d['low']:+.4f}, {d['high']:+.4f}]{level}"
 
 
+def fmt_effect(d):
+    """A paired difference with its Holm interval, and * where that interval excludes 0."""
+    if d["holm"]["low"] is None:
+        return f"{d['mean']:+.4f}"
+    mark = " *" if d["holm"]["excludes_zero"] else ""
+    return f"{d['mean']:+.4f} [{d['holm']['low']:+.4f}, {d['holm']['high']:+.4f}]{mark}"
+
+
 def fmt_p(p):
     return "n/a" if p is None else "< 0.0001" if p < 1e-4 else f"{p:.4f}"
 
@@ -426,8 +454,9 @@ def table(header, rows):
             *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
-def family_table(label, family, seeds):
+def family_table(label, family):
     """One family of paired differences: per seed, raw and Holm-adjusted, and what it can detect."""
+    seeds = sorted({x for d in family.values() for x in d["per_seed"]})
     return table([label, *(f"seed {x}" for x in seeds), "mean", f"raw {CONFIDENCE:.0%} interval",
                   "raw p", "Holm p", "Holm interval", "differs (Holm)", "paired std",
                   f"detectable ({POWER:.0%} power)"], [
@@ -442,7 +471,7 @@ def family_table(label, family, seeds):
 
 def summary_markdown(s, title=None):
     """A block as markdown: under its own title in a sweep, else as the whole summary."""
-    base, claims, seeds = s["baseline"], s["original_claims"], s["modes"][s["baseline"]]["seeds"]
+    base, claims = s["baseline"], s["original_claims"]
     budget = "; ".join(f"{it:,} iters = {tok:,} tokens" for it, tok in s["budgets"])
     head = [title] if title else [f"# Residual modes: {s['name']}", "", f"`{s['command']}`"]
     lines, rows = [*head, "", f"Every run: {budget}; the same validation windows. "
@@ -475,7 +504,7 @@ def summary_markdown(s, title=None):
     families = [("mode", s["paired"], paired), ("claim", {
         f"{c['claim']} {'holds' if c['holds'] else 'fails'}": c for c in claims}, original)]
     for label, family, text in families:
-        lines += ["", text] + (family_table(label, family, seeds) if family else [])
+        lines += ["", text] + (family_table(label, family) if family else [])
     for m, e in s["modes"].items():
         if "layer_weights" in e:
             w = e["layer_weights"]
@@ -496,17 +525,55 @@ def summary_markdown(s, title=None):
 
 
 def sweep_markdown(summary):
-    """The summary of a --sweep: a block per value, then each value against the first."""
-    first = next(iter(summary["values"].values()))
-    seeds = first["modes"][first["baseline"]]["seeds"]
+    """The summary of a --sweep: a block per value, each mode's effect by value and its
+    interaction with the value, then each value's raw losses against the first's."""
     lines = [f"# Residual modes: {summary['name']}", "", f"`{summary['command']}`", "",
              "One section per value of the sweep; within it, the runs of a seed share their "
              "initial weights and batches, as without a sweep."]
-    for name, block in summary["values"].items():
+    values, blocks = list(summary["values"]), summary["values"]
+    for name, block in blocks.items():
         lines += ["", summary_markdown(block, f"## {name}").rstrip("\n")]
-    lines += ["", "## Across values", "", "Final eval loss at each value minus at the first, "
-              "mode by mode, at the same seed; Holm's correction over this table's rows."]
-    return "\n".join(lines + family_table("mode: values", summary["across_values"], seeds)) + "\n"
+    base = blocks[values[0]]["baseline"]
+    lines += ["", "## Effect by value", "", f"Each mode's final eval loss minus mode {base}'s at "
+              "the same seed, at each value: mean [Holm interval over that value's modes], * "
+              "where it differs after Holm."]
+    lines += table(["mode", *values], [
+        [f"{m} ({blocks[values[0]]['modes'][m]['name']})", *map(fmt_effect, by_value.values())]
+        for m, by_value in summary["effect_by_value"].items()])
+    lines += ["", "## Interaction", "", f"(mode − mode {base}) at each value minus (mode − mode "
+              f"{base}) at {values[0]}, seed by seed: does a mode's effect change with the value? "
+              "Holm's correction over this table's rows."]
+    lines += family_table("mode: values", summary["interaction"])
+    lines += ["", "## Across values", ""]
+    if summary["across_values"] is None:
+        return "\n".join(lines + [f"Raw losses are not comparable across values of "
+                                  f"{', '.join(summary['keys'])}: it changes the corpus, the eval "
+                                  "set or the budget. The effects above are."]) + "\n"
+    lines += ["Final eval loss at each value minus at the first, mode by mode, at the same seed; "
+              "Holm's correction over this table's rows."]
+    return "\n".join(lines + family_table("mode: values", summary["across_values"])) + "\n"
+
+
+def plot_effect_by_value(effect, baseline, folder):
+    """Each mode's paired effect at each value, with its Holm interval: effect_by_value.png."""
+    plt = report.pyplot("compare.py", "no plots") if effect else None  # effect: another mode
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(0, color="k", lw=0.8)
+    values = list(next(iter(effect.values())))
+    for i, (m, by_value) in enumerate(effect.items()):
+        means = [d["mean"] for d in by_value.values()]
+        bounds = [(d["holm"]["low"], d["holm"]["high"]) if d["holm"]["low"] is not None
+                  else (d["mean"], d["mean"]) for d in by_value.values()]  # one seed: no interval
+        errors = [[mu - low for mu, (low, _) in zip(means, bounds)],
+                  [high - mu for mu, (_, high) in zip(means, bounds)]]
+        ax.errorbar([j + 0.04 * i for j in range(len(values))], means, yerr=errors,
+                    color=f"C{i}", marker="o", capsize=3, label=f"mode {m}")
+    ax.set(xticks=range(len(values)), xticklabels=values, title="effect by value: mean over "
+           f"seeds, Holm interval", ylabel=f"final eval loss minus mode {baseline}'s, same seed")
+    ax.legend()
+    report.save_figure(plt, fig, os.path.join(folder, "effect_by_value.png"))
 
 
 def plot_results(summary, results, folder):
@@ -549,14 +616,14 @@ def plot_results(summary, results, folder):
             fig, axes = plt.subplots(1, len(panels), squeeze=False,
                                      figsize=(len(panels) * (1.2 + 0.55 * n), 0.8 + 0.5 * n))
             for ax, (title, rows, digits) in zip(axes[0], panels):
-                report.draw_layer_heatmap(fig, ax, rows, digits, m,
+                report.draw_layer_heatmap(fig, ax, rows, digits, model_lib.MODES[m],
                                           f"mode {m}: {title} ({w['seeds']} seeds)")
             report.save_figure(plt, fig, os.path.join(folder, f"layer_weights_mode{m}.png"))
         if "note_correlation" in e:  # this sweep's mean weights beside the original note's
             fig, axes = plt.subplots(1, 2, figsize=(2 * (1.2 + 0.55 * n), 0.8 + 0.5 * n))
             for ax, rows, title in ((axes[0], w["mean"], f"this sweep: mean of {w['seeds']} seeds"),
                                     (axes[1], read_note_weights(), "the original note (768 wide)")):
-                report.draw_layer_heatmap(fig, ax, rows, 2, m, title)
+                report.draw_layer_heatmap(fig, ax, rows, 2, model_lib.MODES[m], title)
             report.save_figure(plt, fig, os.path.join(folder, "layer_weights_vs_note.png"))
     for fig, ax, name in ((loss_fig, loss_ax, "val_loss"),
                           (rate_fig, rate_ax, "quality_vs_throughput")):
@@ -571,7 +638,7 @@ def dry_run(runs, args):
     print("\n".join(f"  {k} = {v!r}" for k, v in runs[0]["config"].items() if k not in SET_PER_RUN))
     print("the runs, which differ only in these (and their state: new, resume or done):")
     for r in runs:
-        print(f"  residual_mode = {r['mode']} ({model_lib.MODE_NAMES[r['mode']]}), "
+        print(f"  residual_mode = {r['mode']} ({model_lib.MODES[r['mode']].name}), "
               f"seed = {r['seed']}, out_dir = {r['out_dir']}: {run_state(r)}")
     print(f"each: python train.py {shlex.join(runs[0]['argv'][:-3])} --residual_mode=M --seed=S")
 
@@ -583,9 +650,9 @@ def main(argv):
         if args.dry_run:
             return dry_run(runs, args)
         lock_fds = lock_sweep(os.path.join(RUNS_DIR, args.name))
-        data_dir, dataset = runs[0]["config"]["data_dir"], runs[0]["config"]["dataset"]
-        prepare.ensure_builtin(data_dir, dataset)  # once, here, not by each parallel run
-        shards.read_meta(os.path.join(data_dir, dataset))
+        for data_dir, dataset in {(r["config"]["data_dir"], r["config"]["dataset"]) for r in runs}:
+            prepare.ensure_builtin(data_dir, dataset)  # once, here, not by each parallel run
+            shards.read_meta(os.path.join(data_dir, dataset))
     except (configurator.ConfigError, prepare.DataError) as e:
         raise CompareError(e) from None
     run_sweep(runs, args, lock_fds)
@@ -596,8 +663,12 @@ def main(argv):
         os.makedirs(os.path.join(folder, v), exist_ok=True)
         plot_results(block, [r for r in results if r["value"] == v], os.path.join(folder, v))
     if args.sweep:
-        summary = {"name": args.name, "command": command, "values": blocks,
-                   "across_values": across_values(blocks)}
+        keys = [spec.partition("=")[0] for spec in args.sweep]
+        effect, interaction = effect_by_value(blocks)
+        summary = {"name": args.name, "command": command, "keys": keys, "values": blocks,
+                   "effect_by_value": effect, "interaction": interaction, "across_values": None
+                   if set(keys) & set(INCOMPARABLE) else across_values(blocks)}
+        plot_effect_by_value(effect, args.baseline, folder)
         text = sweep_markdown(summary)
     else:
         summary, text = blocks[""], summary_markdown(blocks[""])

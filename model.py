@@ -9,9 +9,10 @@ h_0 = token + position embedding, h_m the input of block m, a_m the input of its
   mode 1 mlp_mean     a_m as mode 0                   h_{m+1} = mean(a_0..a_m) + MLP(ln_2(a_m))
   mode 2 attn_mean    a_m = mean(h_0..h_m) + Attn(ln_1(h_m))   h_{m+1} as mode 0
   mode 3 mlp_learned  a_m as mode 0                   h_{m+1} = sum_i w_{m,i} a_i + MLP(ln_2(a_m))
-                      w_m = softmax(theta_m), theta_m of length m+1, zero at init (= mode 1)
+                      w_m = softmax(theta_m), theta_m of length m+1, zero at init (= mode 1), or
+                      current_logit on i = m (large: near mode 0)
   mode 4 attn_learned a_m = sum_i u_{m,i} h_i + Attn(ln_1(h_m))   h_{m+1} as mode 0
-                      u_m = softmax(phi_m), phi_m of length m+1, zero at init (= mode 2)
+                      u_m = softmax(phi_m), phi_m of length m+1, as theta_m at init (= mode 2)
   mode 5 dwa          DenseFormer (Pagliardini et al. 2024): y_{m+1} = a + MLP(ln_2(a)) with
                       a = x_m + Attn(ln_1(x_m)), then x_{m+1} = sum_{j<=m+1} alpha_{m,j} y_j, with
                       y_0 = x_0 = h_0; the head reads x_L. alpha_m one-hot on j = m+1 (= mode 0)
@@ -23,37 +24,58 @@ h_0 = token + position embedding, h_m the input of block m, a_m the input of its
   mode 7 x0_mix       h_m <- lambda_m h_m + mu_m h_0 at the entry of every block, then mode 0
                       (modded-nanogpt's x0 lambdas); (lambda_m, mu_m) = (1, 0) at init (= mode 0)
 
-Mixing parameters (MIXING_PARAMS): one optimizer group, no weight decay (configure_optimizers);
-mixing_weights() reads them for reports. Otherwise nanoGPT's model: GPT-2 module names, tied
-embeddings, scaled init of the residual projections, flash attention (scaled_dot_product_attention).
+MODES, below, holds what the rest of the code knows of each mode: its name, its mixing parameters
+(one optimizer group, no weight decay: configure_optimizers) and the labels of its reports
+(mixing_weights). Otherwise nanoGPT's model: GPT-2 module names, tied embeddings, scaled init of
+the residual projections, flash attention (scaled_dot_product_attention).
 """
-import functools
 import inspect
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-RESIDUAL_MODES = {"standard": 0, "mlp_mean": 1, "attn_mean": 2, "mlp_learned": 3, "attn_learned": 4,
-                  "dwa": 5, "attn_res": 6, "x0_mix": 7}
-MODE_NAMES = {i: name for name, i in RESIDUAL_MODES.items()}
-# the learned residual mixing of every mode, by parameter name (see Block and GPT)
-MIXING_PARAMS = ("layer_logits", "dwa_weights", "attn_query", "mlp_query", "final_query",
-                 "x0_lambdas")
+@dataclass(frozen=True)
+class Mode:
+    """What the code outside GPT.forward_blocks (reports, compare.py, bench.py, the tests) knows of
+    a residual mode."""
+    name: str  # a config file may say residual_mode = "mlp_learned" instead of 3
+    params: tuple = ()  # its mixing parameters (Block's or GPT's attribute names), None elsewhere
+    mixing: str = None  # what one row of its learned mixing holds, for reports; None: no mixing
+    column: str = None  # what a column of its heatmap is
+    row: str = "block"  # what a row is: "block" m, or "z" for a sublayer input z_k
+
+
+MODES = (  # residual_mode -> Mode; the wiring of each is in GPT.forward_blocks
+    Mode("standard"),
+    Mode("mlp_mean"),
+    Mode("attn_mean"),
+    Mode("mlp_learned", ("layer_logits",), "layer weights, softmax(theta_m) over blocks 0..m "
+         "(block 0 has none)", "block i whose a_i is mixed in"),
+    Mode("attn_learned", ("layer_logits",), "layer weights, softmax(phi_m) over blocks 0..m "
+         "(block 0 has none)", "block i whose h_i is mixed in"),
+    Mode("dwa", ("dwa_weights",), "DWA weights alpha_m over y_0..y_{m+1}",
+         "y_j (y_0 = h_0, y_{m+1}: block m's output)"),
+    Mode("attn_res", ("attn_query", "mlp_query", "final_query"), "routing weights of z_k over "
+         "s_0..s_k, mean over the eval windows", "source s_i (s_0 = h_0)", row="z"),
+    Mode("x0_mix", ("x0_lambdas",), "(lambda_m, mu_m): h_m <- lambda_m h_m + mu_m h_0",
+         "lambda_m, mu_m"),
+)
+MIXING_PARAMS = {p for mode in MODES for p in mode.params}  # one optimizer group, no decay
 
 
 def parse_residual_mode(value):
-    """0..7 or a name from RESIDUAL_MODES -> int; anything else is a ValueError."""
+    """A mode's number or its name from MODES -> int; anything else is a ValueError."""
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value in RESIDUAL_MODES.values():
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(MODES):
         return value
-    if isinstance(value, str) and value.strip() in RESIDUAL_MODES:
-        return RESIDUAL_MODES[value.strip()]
-    valid = ", ".join(f"{i} ({name})" for name, i in RESIDUAL_MODES.items())
+    names = [mode.name for mode in MODES]
+    if isinstance(value, str) and value.strip() in names:
+        return names.index(value.strip())
+    valid = ", ".join(f"{i} ({name})" for i, name in enumerate(names))
     raise ValueError(f"unknown residual_mode {value!r}; valid values are {valid}")
 
 
@@ -66,17 +88,20 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    mlp_hidden: int = None  # MLP width; None: 4 * n_embd (the original experiment: 2048 at 768)
+    mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd (the original experiment: 2048 at 768)
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2
-    residual_mode: int = 0  # see the module docstring; names from RESIDUAL_MODES work too
+    residual_mode: int = 0  # see the module docstring; names from MODES work too
+    current_logit: float = 0.0  # modes 3, 4: theta_m, phi_m start at this on block m's own state and
+    # at 0 elsewhere. 0: uniform, the mode starts as mode 1 or 2; large: near the standard residual
 
     def __post_init__(self):
         self.residual_mode = parse_residual_mode(self.residual_mode)
-        if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        if not math.isfinite(self.current_logit):
+            raise ValueError(f"current_logit must be a finite number, got {self.current_logit}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
@@ -144,7 +169,8 @@ class Block(nn.Module):
         # the mixing parameters, None outside their mode; at init each mode is the one it extends
         mode, C = config.residual_mode, config.n_embd
         # theta_m (mode 3) or phi_m (mode 4) over blocks 0..m; none in block 0: its only weight is 1
-        self.layer_logits = optional_param(mode in (3, 4) and index > 0, torch.zeros(index + 1))
+        own = torch.arange(index + 1).eq(index).float()  # block m's own state, a_m or h_m
+        self.layer_logits = optional_param(mode in (3, 4) and index > 0, config.current_logit * own)
         # alpha_m over y_0..y_{m+1}, one-hot on y_{m+1}: x_{m+1} = y_{m+1}, the standard residual
         self.dwa_weights = optional_param(mode == 5, torch.arange(index + 2).eq(index + 1).float())
         # q_{2m} and q_{2m+1}; q_0 is inert (z_0 has the one source h_0), kept: one query per z_k
@@ -178,7 +204,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
-        self.config = config
+        self.config, self.mode = config, MODES[config.residual_mode]  # mode: its row in MODES
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -323,9 +349,10 @@ class GPT(nn.Module):
         """Mode 6: while on, each forward in eval mode without gradients adds its routing weights
         to routing_sums (2L+1, 2L+1; row k: z_k's weights over s_0..s_k) and its positions to
         routing_count; mixing_weights() averages them. Turning it on starts from zero; training
-        never records. Under DDP each rank holds its own sums: all_reduce both before reading."""
-        self.recording_routing = on
-        if on:
+        never records, nor does any other mode. Under DDP each rank holds its own sums: all_reduce
+        both before reading."""
+        self.recording_routing = on and self.config.residual_mode == 6
+        if self.recording_routing:
             n, like = 2 * self.config.n_layer + 1, self.lm_head.weight
             self.routing_sums = torch.zeros(n, n, dtype=like.dtype, device=like.device)
             self.routing_count = torch.zeros((), dtype=like.dtype, device=like.device)
@@ -437,64 +464,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# -----------------------------------------------------------------------------
-# Peak FLOP/s for MFU
-
-# Dense bf16/fp16 tensor-core peaks, FLOP/s, matched against torch.cuda.get_device_name(). fp32 runs
-# use TF32, which is half of that on these parts.
-GPU_PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12,
-    "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-@functools.lru_cache(maxsize=None)
-def measure_cpu_matmul_flops(dtype=torch.float32, n=1024, repeats=5):
-    """This CPU's matmul peak in FLOP/s: the best of a few square matmuls at this thread count.
-    Own generator: a draw from the global one would shift every later dropout mask of training."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n ** 3 / best
-
-
-def peak_flops(device, dtype):
-    """The peak to measure MFU against: a table for common GPUs, a measurement on CPU, else None."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return measure_cpu_matmul_flops(dtype)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
-    return None
-
-
-def compile_or_eager(model, x, y, autocast):
-    """torch.compile, tried on one real step: compilation is lazy, so a missing compiler or an
-    unsupported platform only shows up then. On failure: a one-line notice, and the eager model."""
-    compiled = torch.compile(model)
-    # the trial step leaves no trace: the same random numbers after it (fork_rng), no gradients
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        try:
-            with autocast:
-                _, loss = compiled(x, y)
-            loss.backward()
-            return compiled
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            print(f"train.py: torch.compile is unavailable here ({type(e).__name__}: {first}); "
-                  "training without it (set compile=false to skip the attempt)", flush=True)
-            return model
-        finally:
-            model.zero_grad(set_to_none=True)

@@ -31,11 +31,11 @@ import types
 
 import numpy as np
 
-from report import atomic_write, fsync_dir
-from shards import (FORMAT_VERSION, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION,
-                    TOKEN_DTYPE)
-from sources import (BUILTIN_DATASETS, DataError, dataset_name, iter_chunks, read_documents,
-                     resolve_sources)
+from harness.report import atomic_write, fsync_dir
+from harness.shards import (FORMAT_VERSION, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION,
+                            TOKEN_DTYPE)
+from harness.sources import (BUILTIN_DATASETS, DataError, dataset_name, iter_chunks,
+                             read_documents, resolve_sources)
 
 # -----------------------------------------------------------------------------
 # defaults (the command line overrides them)
@@ -44,7 +44,6 @@ VAL_FRACTION = 0.05  # share of documents in val: 0.7M gpt2 tokens of pystdlib, 
 SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size (200 MB of uint16)
 CHUNK_BYTES = 1 << 18  # text per worker task: amortises inter-process traffic, evens out the load
 TASKS_PER_WORKER = 4  # tasks in flight per worker: keeps every worker busy, memory stays bounded
-EOT_TEXT = "<|endoftext|>"  # how decode() shows the end-of-text token, for both tokenizers
 
 
 # name -> (sources, tokenizer) that prepare() needs to build that built-in dataset, or None
@@ -59,15 +58,18 @@ def ensure_builtin(data_dir, name):
         print(f"prepare.py: dataset {name!r} is not prepared yet; preparing it in {path} now",
               flush=True)
         sources, tokenizer = builtin_dataset(name)
+        # offline without tiktoken's files, the fix for train.py and compare.py is another dataset
+        get_tokenizer(tokenizer, f"--dataset={dataset_name(sources, 'byte')}")
         prepare(sources, name=name, tokenizer=tokenizer, data_dir=data_dir)
 
 
 # -----------------------------------------------------------------------------
 # tokenizers
 
-def get_tokenizer(name):
+def get_tokenizer(name, byte_fix="--tokenizer byte"):
     """gpt2 (tiktoken, 50257 ids, EOT 50256) or byte (UTF-8 bytes 0-255, EOT 256). encode() is
-    ordinary: the text "<|endoftext|>" is encoded as plain text, never as the EOT id."""
+    ordinary: the text "<|endoftext|>" is encoded as plain text, never as the EOT id. byte_fix: the
+    caller's way to bytes, which the error names where tiktoken cannot load."""
     if name == "byte":
         return types.SimpleNamespace(
             name="byte", eot_token=256, vocab_size=257, decode=_byte_decode,
@@ -78,12 +80,13 @@ def get_tokenizer(name):
         import tiktoken  # imported here: the byte tokenizer needs no dependency
         enc = tiktoken.get_encoding("gpt2")
     except ImportError:
-        raise DataError("--tokenizer gpt2 needs tiktoken: `pip install tiktoken`, or use byte")
+        raise DataError(f"--tokenizer gpt2 needs tiktoken: `pip install tiktoken`, or use "
+                        f"{byte_fix}")
     except Exception as e:  # tiktoken downloads its GPT-2 files on first use
         reason = (str(e).splitlines() or [""])[0][:200]
         raise DataError(f"cannot load tiktoken's gpt2 files ({type(e).__name__}: {reason}); "
                         f"connect to the internet once, set TIKTOKEN_CACHE_DIR to a cache of them, "
-                        f"or use --tokenizer byte")
+                        f"or use {byte_fix}")
     tok = types.SimpleNamespace(name="gpt2", encode=enc.encode_ordinary, decode=enc.decode,
                                 eot_token=enc.eot_token, vocab_size=enc.n_vocab)
     if hasattr(enc, "encode_to_numpy"):  # tiktoken >= 0.8: ids straight into an array, no list
@@ -97,10 +100,10 @@ def _byte_decode(ids):
     bad = ids[(ids < 0) | (ids > 256)]
     if bad.size:
         raise DataError(f"token id {bad[0]} is outside the byte vocabulary (0-256)")
-    # EOT (256) splits the ids into byte runs; each run decodes on its own, EOT shows as EOT_TEXT
+    # EOT (256) splits the ids into byte runs; each run decodes on its own, EOT shows as in gpt2
     runs = np.split(ids, np.flatnonzero(ids == 256))  # each run but the first starts with EOT
-    return EOT_TEXT.join(bytes(r[r != 256].astype(np.uint8)).decode("utf-8", "replace")
-                         for r in runs)
+    return "<|endoftext|>".join(bytes(r[r != 256].astype(np.uint8)).decode("utf-8", "replace")
+                                for r in runs)
 
 
 # -----------------------------------------------------------------------------
@@ -202,9 +205,8 @@ class ShardWriter:
     def close(self, complete=True):
         """Finishes the shard being written, if any; complete=False (on an error) only closes it."""
         if self.file is not None and complete:
-            header = [SHARD_MAGIC, SHARD_VERSION, self.count] + [0] * (HEADER_INTS - 3)
-            self.file.seek(0)
-            self.file.write(np.array(header, dtype="<i4").tobytes())
+            self.file.seek(0)  # the header's first three ints; the others stay zero
+            self.file.write(np.array([SHARD_MAGIC, SHARD_VERSION, self.count], "<i4").tobytes())
             self.file.flush()
             os.fsync(self.file.fileno())
         if self.file is not None:

@@ -15,10 +15,9 @@ import sys
 
 import torch
 
-import checkpoint
-import configurator
-from checkpoint import CheckpointError
-from configurator import ConfigError
+from harness import checkpoint, configurator
+from harness.checkpoint import CheckpointError
+from harness.configurator import ConfigError
 from model import GPT, GPTConfig
 from prepare import DataError, get_tokenizer
 

@@ -4,7 +4,7 @@ Train a GPT in one of the residual modes of model.py, on one CPU or GPU or on se
     python train.py configs/method3.py                      # the original experiment, method 3
     python train.py configs/method3.py configs/cpu.py       # the same, small enough for a CPU
     python train.py configs/method3.py --init_from=resume   # continue an interrupted run exactly
-    torchrun --standalone --nproc_per_node=4 train.py configs/method3.py
+    torchrun --standalone --nproc_per_node=8 train.py configs/method3.py
 
 The globals below are the defaults: the original experiment's model and budget. Config files (Python
 assignments) and then --key=value flags override them, read left to right (configurator.py).
@@ -13,7 +13,7 @@ Writes to out_dir (rank 0 only): config.json (the resolved config), metrics.json
 line, eval and finish), ckpt.pt (checkpoint.py), and at the end layer_weights.{json,txt,png}.
 """
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import signal
@@ -24,12 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
-import configurator
 import model as model_lib
 import prepare
-import report
-import shards
+from harness import checkpoint, configurator, hardware, report, shards
 
 # -----------------------------------------------------------------------------
 # config: the original experiment. 12 blocks, n_embd 768, 12 heads, MLP 2048, 1,024 tokens of
@@ -39,8 +36,8 @@ dataset = "pystdlib"  # a folder in data_dir made by prepare.py; built-ins are m
 data_dir = "data"
 out_dir = "out"
 # model (see model.py)
-residual_mode = 0  # 0 standard, 1 mlp_mean, 2 attn_mean, 3 mlp_learned, 4 attn_learned, 5 dwa,
-# 6 attn_res, 7 x0_mix (model.py's docstring has the equations); the names work too
+residual_mode = 0  # a number, or a name from model.MODES (model.py's docstring has the equations)
+current_logit = 0.0  # modes 3, 4: the initial logit of a block's own state; 0: uniform (model.py)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -49,8 +46,9 @@ block_size = 1024  # tokens of context; a training window holds block_size + 1 t
 dropout = 0.0
 bias = True  # biases in Linears and LayerNorms, like GPT-2
 # batch and budget
-batch_size = 8  # windows per micro-step per process
-gradient_accumulation_steps = 4  # micro-steps per iteration over all processes: DDP splits them up
+batch_size = 4  # windows per micro-step per process
+gradient_accumulation_steps = 8  # micro-steps per iteration over all processes: DDP splits them up
+# (4 x 8 = the original's 32 windows per iteration; 8 divides among 1, 2, 4 or 8 processes)
 max_epochs = 5.0  # > 0: train this many passes over the training windows
 max_iters = 5000  # optimizer steps, used when max_epochs is 0
 # AdamW with linear warmup, then cosine decay to min_lr
@@ -65,7 +63,7 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 turns clipping off
 mixing_lr_mult = 1.0  # modes 3-7: learning-rate multiplier of the residual-mixing parameters
 # evaluation, logging, checkpoints
 eval_interval = 200  # evaluate every this many iterations, and at the end
-eval_iters = 20  # validation batches of batch_size windows: a fixed set, the same in every run
+eval_iters = 40  # validation batches of batch_size windows: a fixed set, the same in every run
 log_interval = 10
 ckpt_interval = 200  # save out_dir/ckpt.pt every this many iterations, and at the end
 init_from = "scratch"  # "scratch", or "resume" from out_dir/ckpt.pt
@@ -88,6 +86,9 @@ def one_line_errors(kind, error, traceback):
     ours = (configurator.ConfigError, checkpoint.CheckpointError, prepare.DataError, NonFiniteLoss)
     if issubclass(kind, ours):
         print(f"train.py: {error}", file=sys.stderr)
+    elif issubclass(kind, torch.OutOfMemoryError):
+        print("train.py: out of device memory; lower batch_size and raise "
+              "gradient_accumulation_steps to keep the batch, or shrink the model", file=sys.stderr)
     elif issubclass(kind, OSError):  # a full disk, an unwritable out_dir: files, not the code
         print(f"train.py: {error}; check the path, its permissions and the free disk space "
               "(the last checkpoint is intact)", file=sys.stderr)
@@ -96,9 +97,96 @@ def one_line_errors(kind, error, traceback):
 
 
 sys.excepthook = one_line_errors
-config = configurator.load(sys.argv[1:], configurator.defaults(__file__))
+defaults = configurator.defaults(__file__)
+config = configurator.load(sys.argv[1:], defaults,
+                           parsers={"residual_mode": model_lib.parse_residual_mode})
 configurator.check_train(config)
 globals().update(config)
+model_args = configurator.model_args(config, model_lib.GPTConfig)  # checked before any data is read
+
+# -----------------------------------------------------------------------------
+# device, precision, DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = "RANK" in os.environ
+rank, local_rank, world_size = (int(os.environ.get(k, default)) for k, default
+                                in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+device = torch.device(configurator.resolve_device(device, local_rank if ddp else None))
+if ddp:
+    dist.init_process_group(backend if backend != "auto" else
+                            "nccl" if device.type == "cuda" else "gloo")
+master = rank == 0  # rank 0 alone prints and writes
+dtype = configurator.resolve_dtype(dtype, device.type)  # decided after every override
+accum = gradient_accumulation_steps // world_size  # micro-steps per process
+if device.type == "cuda":  # TF32 for what stays in fp32 (nanoGPT does the same)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+ptdtype = configurator.DTYPES[dtype]
+autocast = torch.autocast(device.type, dtype=ptdtype, enabled=dtype != "float32")
+
+# -----------------------------------------------------------------------------
+# data: each split is one long token stream, cut into windows of block_size + 1 tokens (prepare.py)
+data_path = os.path.join(data_dir, dataset)
+if master:
+    prepare.ensure_builtin(data_dir, dataset)  # a built-in corpus is prepared on first use
+if ddp:
+    dist.barrier()  # every rank, whatever it saw on disk: the others wait while rank 0 prepares
+meta = shards.read_meta(data_path)  # missing: a DataError that names the prepare.py command
+train_data = shards.TokenStream(shards.open_split(data_path, "train", meta), block_size)
+val_data = shards.TokenStream(shards.open_split(data_path, "val", meta), block_size)
+if train_data.num_windows == 0 or val_data.num_windows == 0:
+    raise prepare.DataError(f"dataset {dataset!r} is too small for one window of block_size + 1 = "
+                            f"{block_size + 1} tokens (train {train_data.num_tokens}, val "
+                            f"{val_data.num_tokens}); lower block_size")
+windows_per_iter = batch_size * gradient_accumulation_steps  # the global batch
+if max_epochs > 0:
+    max_iters = math.ceil(max_epochs * train_data.num_windows / windows_per_iter)
+order = shards.TrainOrder(train_data.num_windows, seed)  # epoch e: a shuffle seeded by (seed, e)
+val_ids = shards.eval_window_ids(val_data.num_windows, eval_iters * batch_size)
+tokenizer = {"name": meta["tokenizer"], **{k: meta[k] for k in ("vocab_size", "eot_token")}}
+
+# -----------------------------------------------------------------------------
+# model, optimizer, resume. The vocabulary is padded up to a multiple of 64 for faster matmuls; the
+# extra logits are never targets, so training pushes them down
+model_args = dataclasses.asdict(model_lib.GPTConfig(  # resolved: mlp_hidden, the mode's number
+    **model_args, vocab_size=-(-meta["vocab_size"] // 64) * 64))
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = None
+if init_from == "resume":
+    ckpt = checkpoint.load(ckpt_path, "start with --init_from=scratch")
+    checkpoint.check_fits(ckpt, ckpt_path, model_args, tokenizer, model_lib.GPTConfig)
+elif os.path.exists(ckpt_path):
+    raise checkpoint.CheckpointError(f"{ckpt_path} exists; continue it with --init_from=resume, or "
+                                     "delete it / choose another out_dir to start from scratch")
+# an extended run keeps its decay length unless lr_decay_iters is given: no jump back up of the lr
+lr_decay_iters = lr_decay_iters or (ckpt["config"]["lr_decay_iters"] if ckpt else max_iters)
+config.update({k: globals()[k] for k in config}, device=str(device))  # as resolved: dtype, ...
+
+torch.manual_seed(seed + rank)
+raw_model = model_lib.GPT(model_lib.GPTConfig(**model_args))
+if ckpt:
+    raw_model.load_state_dict(ckpt["model"])
+raw_model.to(device)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.type,
+                                           mixing_lr_mult)
+scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
+iter_num, data_pos, elapsed_before, best_val_loss, last_eval = 0, 0, 0.0, float("inf"), None
+loss_sum, window_iters = torch.zeros((), device=device), 0  # losses since the last log line
+if ckpt:
+    checkpoint.restore_optimizer(optimizer, ckpt["optimizer"])  # with this config's settings
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    iter_num, data_pos, elapsed_before = ckpt["iter_num"], ckpt["data_pos"], ckpt["elapsed"]
+    best_val_loss, last_eval = ckpt["best_val_loss"], ckpt["last_eval"]
+    restored = checkpoint.restore_rank_state(ckpt["ranks"], rank, world_size, device)
+    if restored is not None:  # this rank's random state is back; its open log window too
+        loss_sum, window_iters = restored, ckpt["window_iters"]
+    changes = checkpoint.config_changes({**defaults, **ckpt["config"]}, config)  # new keys: default
+    if master:
+        print(f"resuming {ckpt_path} at iter {iter_num}"
+              + (f"; changed since, and applied: {', '.join(changes)}" if changes else ""))
+saved_iter = iter_num  # the iteration ckpt.pt holds (a fresh run has none, and needs none)
+
+# rank 0 alone writes: out_dir/config.json, and metrics.jsonl, kept up to the checkpoint's iter
+metrics_file = report.open_run(out_dir, config, iter_num if ckpt else None) if master else None
 
 
 def get_lr(it):
@@ -133,7 +221,7 @@ def evaluate(model):
     every world_size-th batch and the sums are added across ranks. Mode 6 also records its routing
     weights, averaged over these windows."""
     model.eval()
-    raw_model.record_routing(residual_mode == 6)
+    raw_model.record_routing(True)  # mode 6's routing weights; other modes record nothing
     t0 = time.perf_counter()
     batches = [val_ids[i:i + batch_size] for i in range(0, len(val_ids), batch_size)]
     loss_sum = correct = tokens = 0.0
@@ -148,7 +236,7 @@ def evaluate(model):
         totals = torch.tensor([loss_sum, correct, tokens], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         loss_sum, correct, tokens = totals.tolist()
-        if residual_mode == 6:
+        if raw_model.routing_sums is not None:
             dist.all_reduce(raw_model.routing_sums)
             dist.all_reduce(raw_model.routing_count)
     raw_model.record_routing(False)
@@ -161,124 +249,26 @@ def evaluate(model):
 
 
 # -----------------------------------------------------------------------------
-# device, precision, DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-ddp = int(os.environ.get("RANK", -1)) != -1
-rank, local_rank, world_size = 0, 0, 1
-if ddp:
-    rank, local_rank, world_size = (int(os.environ[k])
-                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-device = configurator.resolve_device(device)
-if ddp:
-    if device.startswith("cuda"):  # each process takes its local rank's GPU
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    backend = backend if backend != "auto" else "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-master = rank == 0  # rank 0 alone prints and writes
-device = torch.device(device)
-dtype = configurator.resolve_dtype(dtype, device.type)  # decided after every override
-if gradient_accumulation_steps % world_size:
-    raise configurator.ConfigError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) "
-                                   f"must be a multiple of the number of processes ({world_size})")
-accum = gradient_accumulation_steps // world_size  # micro-steps per process
-if device.type == "cuda":  # TF32 for what stays in fp32 (nanoGPT does the same)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-ptdtype = configurator.DTYPES[dtype]
-autocast = torch.autocast(device.type, dtype=ptdtype, enabled=dtype != "float32")
-
-# -----------------------------------------------------------------------------
-# data: each split is one long token stream, cut into windows of block_size + 1 tokens (prepare.py)
-data_path = os.path.join(data_dir, dataset)
-if master:
-    prepare.ensure_builtin(data_dir, dataset)  # a built-in corpus is prepared on first use
-if ddp:
-    dist.barrier()  # every rank, whatever it saw on disk: the others wait while rank 0 prepares
-meta = shards.read_meta(data_path)  # missing: a DataError that names the prepare.py command
-train_data = shards.TokenStream(shards.open_split(data_path, "train", meta), block_size)
-val_data = shards.TokenStream(shards.open_split(data_path, "val", meta), block_size)
-if train_data.num_windows == 0 or val_data.num_windows == 0:
-    raise prepare.DataError(f"dataset {dataset!r} is too small for one window of block_size + 1 = "
-                            f"{block_size + 1} tokens (train {train_data.num_tokens}, val "
-                            f"{val_data.num_tokens}); lower block_size")
-windows_per_iter = batch_size * gradient_accumulation_steps  # the global batch
-if max_epochs > 0:
-    max_iters = math.ceil(max_epochs * train_data.num_windows / windows_per_iter)
-order = shards.TrainOrder(train_data.num_windows, seed)  # epoch e: a shuffle seeded by (seed, e)
-val_ids = shards.eval_window_ids(val_data.num_windows, eval_iters * batch_size)
-tokenizer = {"name": meta["tokenizer"], **{k: meta[k] for k in ("vocab_size", "eot_token")}}
-
-# -----------------------------------------------------------------------------
-# model, optimizer, resume. The vocabulary is padded up to a multiple of 64 for faster matmuls; the
-# extra logits are never targets, so training pushes them down
-mlp_hidden = mlp_hidden or 4 * n_embd
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_hidden=mlp_hidden,
-                  block_size=block_size, dropout=dropout, bias=bias, residual_mode=residual_mode,
-                  vocab_size=-(-meta["vocab_size"] // 64) * 64)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ckpt = None
-if init_from == "resume":
-    ckpt = checkpoint.load(ckpt_path, "start with --init_from=scratch")
-    checkpoint.check_fits(ckpt, ckpt_path, model_args, tokenizer)
-elif os.path.exists(ckpt_path):
-    raise checkpoint.CheckpointError(f"{ckpt_path} exists; continue it with --init_from=resume, or "
-                                     "delete it / choose another out_dir to start from scratch")
-# an extended run keeps its decay length unless lr_decay_iters is given: no jump back up of the lr
-lr_decay_iters = lr_decay_iters or (ckpt["config"]["lr_decay_iters"] if ckpt else max_iters)
-config.update({k: globals()[k] for k in config}, device=str(device))  # as resolved: dtype, ...
-
-torch.manual_seed(seed + rank)
-raw_model = model_lib.GPT(model_lib.GPTConfig(**model_args))
-if ckpt:
-    raw_model.load_state_dict(ckpt["model"])
-raw_model.to(device)
-optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.type,
-                                           mixing_lr_mult)
-scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
-iter_num, data_pos, elapsed_before, best_val_loss, last_eval = 0, 0, 0.0, float("inf"), None
-loss_sum, window_iters = torch.zeros((), device=device), 0  # losses since the last log line
-if ckpt:
-    checkpoint.restore_optimizer(optimizer, ckpt["optimizer"])  # with this config's settings
-    if ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    iter_num, data_pos, elapsed_before = ckpt["iter_num"], ckpt["data_pos"], ckpt["elapsed"]
-    best_val_loss, last_eval = ckpt["best_val_loss"], ckpt["last_eval"]
-    restored = checkpoint.restore_rank_state(ckpt["ranks"], rank, world_size, device)
-    if restored is not None:  # this rank's random state is back; its open log window too
-        loss_sum, window_iters = restored, ckpt["window_iters"]
-    elif master:
-        print(f"train.py: the checkpoint holds {len(ckpt['ranks'])} processes' states, this run "
-              f"{world_size}: dropout and the first logged loss will differ from an unbroken run")
-    changes = checkpoint.config_changes(ckpt["config"], config)
-    if master:
-        print(f"resuming {ckpt_path} at iter {iter_num}"
-              + (f"; changed since, and applied: {', '.join(changes)}" if changes else ""))
-saved_iter = iter_num  # the iteration ckpt.pt holds (a fresh run has none, and needs none)
-
-metrics_file = None  # rank 0 only
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    report.remove_temporaries(out_dir)  # what a run killed inside a write left behind
-    report.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
-    metrics_file = report.open_metrics(os.path.join(out_dir, "metrics.jsonl"),
-                                       iter_num if ckpt else None)
-
-# compile (tried on the first micro-batch), then DDP around it; evaluation bypasses DDP
-x, y = get_batch(data_pos, 0)
-model = model_lib.compile_or_eager(raw_model, x, y, autocast) if compile else raw_model
-eval_model = model
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-peak = peak_flops or model_lib.peak_flops(device, ptdtype)  # for MFU; None on an unknown device
+# the run's cost, said before compiling. DDP, then compile: dynamo splits the graph at DDP's
+# buckets, so each bucket's all-reduce overlaps the rest of the backward (torch's DDP notes). Eval
+# runs the same model: without buffers to broadcast, ranks may evaluate different batch counts
+peak, peak_source = ((peak_flops, "peak_flops") if peak_flops else
+                     hardware.peak_flops(device, ptdtype))  # for MFU; None: unknown
 if master:
     start = {"type": "start", "iter": iter_num, "world_size": world_size,
              "tokens_per_iter": windows_per_iter * block_size,
              "train_tokens": train_data.num_tokens,
              "train_windows": train_data.num_windows, "val_tokens": val_data.num_tokens,
              "num_params": raw_model.num_params(), "resumed": bool(ckpt),
-             "unigram_entropy": shards.unigram_entropy(train_data.shards, meta["vocab_size"])}
+             "unigram_entropy": shards.unigram_entropy(train_data.shards, meta["vocab_size"]),
+             "peak_flops": peak, "peak_source": peak_source, "flops": (max_iters - iter_num)
+             * windows_per_iter * block_size * raw_model.flops_per_token()}  # to the end
     report.record(metrics_file, start)
-    print(report.format_start(start, config, model is not raw_model, len(val_ids)), flush=True)
+    print(report.format_start(start, config, len(val_ids)), flush=True)
+model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False) if ddp else raw_model
+x, y = get_batch(data_pos, 0)
+model = hardware.compile_or_eager(model, x, y, autocast, master) if compile else model
 checkpoint.catch_stop_signals()
 
 # -----------------------------------------------------------------------------
@@ -286,10 +276,23 @@ checkpoint.catch_stop_signals()
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # on the device: no sync every step
 # the last step's lr and gradient norm (logged before a step only if a resume changed log_interval)
 lr, grad_norm = get_lr(max(iter_num - 1, 0)), torch.tensor(float("nan"))
-t_start = window_start = time.perf_counter()
+first_iter, t_start = iter_num, time.perf_counter()
+window_start = step_start = t_start
 paused = 0.0  # eval and checkpoint time since the last log line, left out of tokens/s
 while True:
-    finished, stop = iter_num >= max_iters, checkpoint.STOP["signal"]
+    finished = iter_num >= max_iters
+    boundary = finished or not (iter_num % log_interval and iter_num % eval_interval
+                                and iter_num % ckpt_interval)
+    if ddp and boundary:  # the ranks agree on stop requests and bad losses: a sync only here
+        asked = torch.tensor(float(checkpoint.STOP["signal"]), device=device)
+        flags = torch.stack([nonfinite.float(), asked])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite |= flags[0] > 0
+        checkpoint.STOP["signal"] = int(flags[1].item())
+    stop = checkpoint.STOP["signal"] if boundary or not ddp else 0  # no rank leaves alone
+    if iter_num == first_iter + 1 and master:  # one iteration timed: the whole run's estimate
+        took, left = time.perf_counter() - step_start, max_iters - first_iter
+        print(f"first iteration {took:.2f} s: {left} take about {report.hms(took * left)}")
     is_log = iter_num % log_interval == 0 and window_iters > 0
     evaluated = last_eval is not None and last_eval["iter"] == iter_num  # before the checkpoint
     is_eval = (iter_num % eval_interval == 0 or finished) and not evaluated
@@ -318,10 +321,10 @@ while True:
     t_pause = time.perf_counter()
     if is_eval:
         last_eval = {"type": "eval", "iter": iter_num, "epoch": data_pos / train_data.num_windows,
-                     "tokens": data_pos * block_size, **evaluate(eval_model)}
+                     "tokens": data_pos * block_size, **evaluate(model)}
         best_val_loss = min(best_val_loss, last_eval["eval_loss"])
         report.record(metrics_file, last_eval)
-        weights = report.format_mixing(report.mixing_rows(raw_model), residual_mode)
+        weights = report.format_mixing(report.mixing_rows(raw_model), raw_model.mode)
         if master:
             print(report.format_eval(last_eval) + ("\n" + weights if weights else ""), flush=True)
     if is_ckpt:
@@ -339,8 +342,9 @@ while True:
     if finished or stop:
         break
     paused += time.perf_counter() - t_pause
+    step_start = time.perf_counter()
 
-    # one optimizer step
+    # ---- one optimizer step: no bookkeeping beyond the loss and the finiteness flag ----
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
@@ -364,15 +368,10 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    # ---- end of the step ----
     iter_num += 1
     data_pos += windows_per_iter
     window_iters += 1
-    if ddp:  # stop requests and bad losses are decided by all ranks together: no rank leaves alone
-        asked = torch.tensor(float(checkpoint.STOP["signal"]), device=device)
-        flags = torch.stack([nonfinite.float(), asked])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite |= flags[0] > 0
-        checkpoint.STOP["signal"] = int(flags[1].item())
 
 # -----------------------------------------------------------------------------
 # the end: a stop leaves a resume hint; a finished run writes its learned weights and final record
@@ -385,7 +384,7 @@ if checkpoint.STOP["signal"] and iter_num < max_iters:
     sys.exit(128 + checkpoint.STOP["signal"])
 if master:
     report.write_mixing(out_dir, report.mixing_rows(raw_model), model_args,
-                        time.strftime("%Y-%m-%d %H:%M:%S"), model_lib.MODE_NAMES[residual_mode])
+                        time.strftime("%Y-%m-%d %H:%M:%S"), raw_model.mode)
     elapsed = elapsed_before + time.perf_counter() - t_start
     report.record(metrics_file, {
         "type": "done", "iter": iter_num, "epoch": data_pos / train_data.num_windows,

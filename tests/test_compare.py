@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import compare
+import model as model_lib
 import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,6 +224,51 @@ def test_summary_with_one_seed_says_no_interval(tmp_path):
     assert "| 1 | mlp_mean | 1 | 3.1000 |" in text  # no ± without a second seed
 
 
+def t_test_p_df2(diffs):
+    """The paired t-test's two-sided p with 3 seeds, from Student's t at 2 degrees of freedom in closed
+    form: P(|T| > t) = 1 - t / sqrt(t^2 + 2)."""
+    t = abs(statistics.mean(diffs)) / (statistics.stdev(diffs) / math.sqrt(3))
+    return 1 - t / math.sqrt(t * t + 2)
+
+
+def test_effect_by_value_and_interaction_of_a_sweep(tmp_path):
+    """Two values (two corpora, say) x modes 0, 1, 2 x 3 seeds with known losses: the effect table holds each
+    value's paired differences to mode 0, and the interaction rows the differences of those differences, seed
+    by seed, with Holm's correction over the interaction rows checked against a hand-computed adjustment."""
+    losses = {"dataset=a": {0: [3.00, 3.10, 3.05], 1: [2.90, 3.02, 2.96], 2: [3.01, 3.12, 3.02]},
+              "dataset=b": {0: [2.00, 2.20, 2.10], 1: [2.04, 2.23, 2.16], 2: [2.02, 2.19, 2.11]}}
+    blocks = {}
+    for value, modes in losses.items():
+        runs = [{**fake_run(str(tmp_path / value), m, s, loss), "value": value}
+                for m, ls in modes.items() for s, loss in enumerate(ls)]
+        blocks[value] = compare.summarize([compare.load_run(r) for r in runs], synthetic_args([0, 1, 2], 3), "cmd")
+    effect, interaction = compare.effect_by_value(blocks)
+    diff = {(v, m): [losses[v][m][s] - losses[v][0][s] for s in range(3)] for v in losses for m in (1, 2)}
+    for (v, m), d in diff.items():
+        assert list(effect[m][v]["per_seed"].values()) == pytest.approx(d)
+        assert effect[m][v]["holm"]["p"] == blocks[v]["paired"][m]["holm"]["p"]  # each value's own family
+    rows = {m: [b - a for a, b in zip(diff["dataset=a", m], diff["dataset=b", m])] for m in (1, 2)}
+    assert list(interaction) == ["1: dataset=b − dataset=a", "2: dataset=b − dataset=a"]
+    for m, name in zip((1, 2), interaction):
+        assert list(interaction[name]["per_seed"].values()) == pytest.approx(rows[m])
+        assert interaction[name]["mean"] == pytest.approx(statistics.mean(rows[m]))
+        assert interaction[name]["p"] == pytest.approx(t_test_p_df2(rows[m]), abs=1e-9)
+    p = [t_test_p_df2(rows[m]) for m in (1, 2)]  # Holm over 2: the smaller p times 2, the larger at least that
+    low, high = sorted(range(2), key=lambda i: p[i])
+    expected = {low: min(1, 2 * p[low])}
+    expected[high] = max(expected[low], p[high])
+    assert [interaction[n]["holm"]["p"] for n in interaction] == pytest.approx([expected[0], expected[1]])
+    text = compare.sweep_markdown({"name": "x", "command": "cmd", "keys": ["dataset"], "values": blocks,
+                                   "effect_by_value": effect, "interaction": interaction, "across_values": None})
+    mean_1a = statistics.mean(diff["dataset=a", 1])
+    assert "## Effect by value" in text and f"| 1 (mlp_mean) | {mean_1a:+.4f} [" in text
+    assert "## Interaction" in text and f"| 1: dataset=b − dataset=a | {rows[1][0]:+.4f} |" in text
+    assert "not comparable" in text and "## Across values" in text
+    pytest.importorskip("matplotlib")
+    compare.plot_effect_by_value(effect, 0, str(tmp_path))
+    assert (tmp_path / "effect_by_value.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_unreadable_results_are_one_line_errors(tmp_path):
     run = fake_run(str(tmp_path), 0, 0, 3.0)
     (tmp_path / "mode0_seed0" / "layer_weights.json").write_text('{"layers": [')  # torn
@@ -239,7 +285,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch):
     cases = [(["cfg.py", "--max_iter=5"], "did you mean 'max_iters'"),
              (["cfg.py", "--seed=3"], "use --seeds"),
              (["cfg.py", "--modes=0,1", "--baseline=2"], "--baseline 2 is not among"),
-             (["cfg.py", "--modes=0,9"], "unknown residual_mode"),
+             (["cfg.py", f"--modes=0,{len(model_lib.MODES)}"], "unknown residual_mode"),
              (["cfg.py", "--parallel=2", "--gpus=0,1"], "not allowed with"),
              (["missing.py"], "config file 'missing.py' not found"),
              (["cfg.py", "--seeds=two"], "invalid int value")]
@@ -474,3 +520,36 @@ def test_sweep_pairs_runs_within_each_value_and_summarizes_each(tmp_path):
     pytest.importorskip("matplotlib")
     for v in values:
         assert (tmp_path / "results" / "tiny" / v / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_dataset_sweep_pairs_within_each_corpus_and_prints_the_effect_table(tmp_path):
+    """Two corpora (different words): the runs of a seed share their init, each corpus its own batches, and the
+    effect of mode 3 at each corpus is read from the runs' own metrics; raw losses are not compared across corpora."""
+    rng = random.Random(2)
+    for name, words in (("code", ["def", "self", "x", "for"]), ("prose", ["the", "cat", "sat", "on", "a", "mat"])):
+        src = tmp_path / name
+        src.mkdir()
+        for i in range(20):
+            (src / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
+        prepare.prepare([str(src)], name=name, tokenizer="byte", data_dir=str(tmp_path / "data"), val_fraction=0.2,
+                        workers=1, quiet=True)
+    (tmp_path / "tiny.py").write_text(TINY_CONFIG.format(data_dir=str(tmp_path / "data")))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "tiny.py", "--modes=0,3", "--seeds=2",
+                             "--sweep", "dataset=code,prose", "--max_iters=4", "--eval_interval=2", "--parallel=2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    final = {(v, m, s): read_records(str(tmp_path / "runs" / "tiny" / f"dataset={v}" / f"mode{m}_seed{s}"))[-1]
+             for v in ("code", "prose") for m in (0, 3) for s in (0, 1)}
+    summary = json.load(open(tmp_path / "results" / "tiny" / "summary.json"))
+    assert summary["keys"] == ["dataset"] and summary["across_values"] is None
+    for v in ("code", "prose"):
+        assert final[v, 0, 0]["eval_loss"] != final[v, 0, 1]["eval_loss"]  # the seeds differ
+        got = summary["effect_by_value"]["3"][f"dataset={v}"]["per_seed"]
+        assert got == {str(s): final[v, 3, s]["eval_loss"] - final[v, 0, s]["eval_loss"] for s in (0, 1)}
+    row = summary["interaction"]["3: dataset=prose − dataset=code"]["per_seed"]
+    assert row == pytest.approx({str(s): (final["prose", 3, s]["eval_loss"] - final["prose", 0, s]["eval_loss"])
+                                 - (final["code", 3, s]["eval_loss"] - final["code", 0, s]["eval_loss"]) for s in (0, 1)})
+    text = (tmp_path / "results" / "tiny" / "summary.md").read_text()
+    assert "## Effect by value" in text and "| 3 (mlp_learned) |" in text and "not comparable" in text
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "results" / "tiny" / "effect_by_value.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import checkpoint
 import prepare
+from harness import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_SEED = 20261129  # the kill moments; change it to try others, keep it to replay a failure
@@ -485,5 +485,5 @@ def test_the_catalogue_of_bad_inputs(data_dir, finished_run, tmp_path):
         line = one_line(stderr)
         assert code == 1 and all(w in line for w in words), (label, code, line)
         assert after == before, (label, "files changed")
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    assert len(CATALOGUE) >= 20 and all(case[0] in readme for case in CATALOGUE)  # the README's table
+    readme = open(os.path.join(ROOT, "docs", "faults.md")).read()
+    assert len(CATALOGUE) >= 20 and all(case[0] in readme for case in CATALOGUE)  # docs/faults.md's table

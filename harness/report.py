@@ -61,10 +61,16 @@ def read_metrics(path):
     return records
 
 
-def open_metrics(path, resume_iter=None):
-    """metrics.jsonl for appending. A fresh run (resume_iter None) starts it afresh; a resumed one
-    keeps the records up to its checkpoint: a crash may have logged past it, and those iterations
-    run again, so no record is doubled. A 'done' record goes too: the resumed run writes its own."""
+def open_run(out_dir, config, resume_iter=None):
+    """Makes out_dir, clears what a run killed inside a write left there, writes config.json, and
+    opens metrics.jsonl for appending. A fresh run (resume_iter None) starts it afresh; a resumed
+    one keeps the records up to its checkpoint: a crash may have logged past it, and those
+    iterations run again, so no record is doubled. A 'done' record goes too: the resumed run writes
+    its own."""
+    os.makedirs(out_dir, exist_ok=True)
+    remove_temporaries(out_dir)
+    atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1))
+    path = os.path.join(out_dir, "metrics.jsonl")
     kept = [] if resume_iter is None else [r for r in read_metrics(path) if r.get("type") != "done"
                                            and r.get("iter", 0) <= resume_iter]
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -95,19 +101,33 @@ def format_log(rec, max_iters):
             f"tok/s | mfu {mfu} | {hms(rec['elapsed'])} elapsed, eta {hms(rec['eta'])}")
 
 
-def format_start(start, config, compiled, eval_windows):
-    """The start record and the config as three lines: model, data, budget."""
+def format_start(start, config, eval_windows):
+    """The start record and the config as lines: model, data, budget, time."""
     ddp = f", DDP x{start['world_size']}" if start["world_size"] > 1 else ""
     epochs = (config["max_iters"] * start["tokens_per_iter"] / config["block_size"]
               / start["train_windows"])
     return (f"model: residual_mode {config['residual_mode']}, {start['num_params'] / 1e6:.2f}M "
             f"parameters, device {config['device']}, {config['dtype']}, compile "
-            f"{'on' if compiled else 'off'}{ddp}\n"
+            f"{'on' if config['compile'] else 'off'}{ddp}\n"
             f"data: {start['train_tokens']:,} train tokens = {start['train_windows']:,} windows of "
             f"{config['block_size'] + 1}, {start['val_tokens']:,} val tokens; unigram entropy "
             f"{start['unigram_entropy']:.4f} nats/token\n"
             f"budget: {config['max_iters']} iters of {start['tokens_per_iter']:,} tokens = "
-            f"{epochs:.2f} epochs; eval on {eval_windows} fixed val windows")
+            f"{epochs:.2f} epochs; eval on {eval_windows} fixed val windows\n" + format_cost(start))
+
+
+def format_cost(start):
+    """A floor on the run's time, before the first step: every FLOP at the device's peak (real runs
+    reach a fraction of it); on a CPU, where that floor is already hours, the way to a small run."""
+    if not start["peak_flops"]:
+        return f"time: no floor ({start['peak_source']}); the first iteration will tell"
+    floor = start["flops"] / (start["peak_flops"] * start["world_size"])
+    line = (f"time: at least {hms(floor)} at the peak, {start['peak_flops'] / 1e12:.2f} TFLOP/s a "
+            f"process ({start['peak_source']}); the first iteration will tell")
+    if start["peak_source"] == "measured" and floor > 3600:  # measured: a CPU
+        line += ("\ntrain.py: this run is sized for a GPU; for a CPU run of minutes add the "
+                 "overlay configs/cpu.py: python train.py configs/method3.py configs/cpu.py")
+    return line
 
 
 def format_eval(rec):
@@ -125,18 +145,6 @@ def format_eval(rec):
 # -----------------------------------------------------------------------------
 # the learned residual mixing: one row per block (per sublayer input z_k in mode 6)
 
-MIXING = {  # mode -> (what a row holds, what a heatmap column is)
-    3: ("layer weights, softmax(theta_m) over blocks 0..m (block 0 has none)",
-        "block i whose a_i is mixed in"),
-    4: ("layer weights, softmax(phi_m) over blocks 0..m (block 0 has none)",
-        "block i whose h_i is mixed in"),
-    5: ("DWA weights alpha_m over y_0..y_{m+1}", "y_j (y_0 = h_0, y_{m+1}: block m's output)"),
-    6: ("routing weights of z_k over s_0..s_k, mean over the eval windows",
-        "source s_i (s_0 = h_0)"),
-    7: ("(lambda_m, mu_m): h_m <- lambda_m h_m + mu_m h_0", "lambda_m, mu_m"),
-}
-
-
 def mixing_rows(model):
     """One row per block (per z_k in mode 6): index, count, raw parameters and the weights a heatmap
     shows ('normalized'); count 0 and nulls where a row has none, and in modes without mixing."""
@@ -149,22 +157,24 @@ def mixing_rows(model):
 
 
 def format_mixing(rows, mode):
-    """Each row's weights, one aligned line per row; '' when no row has any."""
-    lines = [f"  {'z' if mode == 6 else 'block'} {r['index']:>2}: "
-             + " ".join(f"{w:.3f}" for w in r["normalized"]) for r in rows if r["count"]]
-    return "\n".join([MIXING[mode][0] + ":", *lines]) if lines else ""
+    """Each row's weights, one aligned line per row; '' when no row has any. mode: model.MODES'
+    row of the run's residual mode, which says what a row is and holds."""
+    lines = [f"  {mode.row} {r['index']:>2}: " + " ".join(f"{w:.3f}" for w in r["normalized"])
+             for r in rows if r["count"]]
+    return "\n".join([f"{mode.mixing}:", *lines]) if lines else ""
 
 
-def write_mixing(out_dir, rows, model_args, saved_at, mode_name):
-    """layer_weights.json (shape of the original's file), .txt (its readable report) and .png."""
+def write_mixing(out_dir, rows, model_args, saved_at, mode):
+    """layer_weights.json (shape of the original's file), .txt (its readable report) and .png;
+    mode: model.MODES' row of model_args' residual_mode."""
     names = {"n_layer": "layers", "n_embd": "hidden size", "n_head": "attention heads",
              "mlp_hidden": "MLP (intermediate) size"}
     config = {k: model_args[k] for k in (*names, "residual_mode")}
-    mode, label = config["residual_mode"], "z" if config["residual_mode"] == 6 else "Layer"
+    label = "Layer" if mode.row == "block" else mode.row
     atomic_write(os.path.join(out_dir, "layer_weights.json"),
                  json.dumps({"saved_at": saved_at, "config": config, "layers": rows}, indent=1))
-    lines = [f"Learned residual mixing (residual_mode {mode}, {mode_name}): "
-             f"{MIXING.get(mode, ('none',))[0]}", f"Saved at: {saved_at}", "",
+    lines = [f"Learned residual mixing (residual_mode {config['residual_mode']}, {mode.name}): "
+             f"{mode.mixing or 'none'}", f"Saved at: {saved_at}", "",
              "Model configuration:", *(f"  {name}: {config[k]}" for k, name in names.items()), ""]
     for r in rows:
         count = f"{r['count']} weight parameters" if r["count"] else "no weight parameters"
@@ -177,7 +187,7 @@ def write_mixing(out_dir, rows, model_args, saved_at, mode_name):
         n = len(rows)
         fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.55 * n), max(4.0, 1.0 + 0.5 * n)))
         draw_layer_heatmap(fig, ax, [r["normalized"] for r in rows], 2, mode,
-                           f"residual_mode {mode_name}")
+                           f"residual_mode {mode.name}")
         save_figure(plt, fig, os.path.join(out_dir, "layer_weights.png"))
 
 
@@ -202,7 +212,8 @@ def save_figure(plt, fig, path):
 
 def draw_layer_heatmap(fig, ax, rows, digits, mode, title):
     """rows[r]: the weights of heatmap row r (block m, or z_k in mode 6), or None: drawn row by row,
-    lower-triangular where each row reaches one further back, blank where a row has none."""
+    lower-triangular where each row reaches one further back, blank where a row has none. mode:
+    model.MODES' row, which names the rows and columns."""
     rows = [[] if row is None else list(row) for row in rows]
     width = max([1, *map(len, rows)])
     grid = np.array([row + [np.nan] * (width - len(row)) for row in rows])  # nan stays blank
@@ -211,9 +222,9 @@ def draw_layer_heatmap(fig, ax, rows, digits, mode, title):
         for r, i in zip(*np.nonzero(~np.isnan(grid))):
             ax.text(i, r, f"{grid[r, i]:.{digits}f}", ha="center", va="center", fontsize=7,
                     color="w")
-    ax.set(xlabel=MIXING[mode][1], ylabel="sublayer input z_k" if mode == 6 else "block m",
+    ax.set(xlabel=mode.column, ylabel="block m" if mode.row == "block" else "sublayer input z_k",
            xticks=range(width), yticks=range(len(rows)))
-    ax.set_title(f"{MIXING[mode][0]}\n{title}", fontsize=9)
+    ax.set_title(f"{mode.mixing}\n{title}", fontsize=9)
     fig.colorbar(image, ax=ax)
 
 

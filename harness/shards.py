@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from sources import BUILTIN_DATASETS, DataError
+from .sources import BUILTIN_DATASETS, DataError
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1

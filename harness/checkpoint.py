@@ -6,13 +6,14 @@ A checkpoint is a dict of tensors and plain values, so it loads with weights_onl
 file runs no code from it. It carries the sha256 of its contents: a bit flipped on disk or in a copy
 stops the loader instead of being trained on.
 """
+import dataclasses
 import hashlib
 import signal
 
 import torch
 import torch.distributed as dist
 
-from report import atomic_write
+from .report import atomic_write
 
 FORMAT_VERSION = 2  # of ckpt.pt; every reader checks it. 2: with its sha256
 
@@ -78,11 +79,13 @@ def load(path, fix_if_missing):
     return ckpt
 
 
-def check_fits(ckpt, path, model_args, tokenizer):
-    """A resumed run must have the checkpoint's model shape and tokenizer (dropout may change)."""
-    mismatched = [f"{k}={ckpt['model_args'].get(k)!r} in the checkpoint but {v!r} in the config"
-                  for k, v in model_args.items()
-                  if k != "dropout" and ckpt["model_args"].get(k) != v]
+def check_fits(ckpt, path, model_args, tokenizer, config_class):
+    """A resumed run must have the checkpoint's model shape and tokenizer (dropout may change).
+    config_class (model.GPTConfig) fills in the fields added since the checkpoint was written with
+    their defaults, as they were then."""
+    old = dataclasses.asdict(config_class(**ckpt["model_args"]))
+    mismatched = [f"{k}={old.get(k)!r} in the checkpoint but {v!r} in the config"
+                  for k, v in model_args.items() if k != "dropout" and old.get(k) != v]
     if ckpt["tokenizer"] != tokenizer:
         mismatched.append(f"tokenizer {ckpt['tokenizer']} in the checkpoint but {tokenizer} in "
                           "the dataset")
@@ -126,6 +129,10 @@ def restore_rank_state(states, rank, world_size, device):
     """Sets this rank's random state -> its loss sum since the last log line, or None where the
     checkpoint had another number of processes (then dropout masks differ from an unbroken run)."""
     if len(states) != world_size:
+        if rank == 0:
+            print(f"train.py: the checkpoint holds {len(states)} processes' states, this run "
+                  f"{world_size}: dropout and the first logged loss will differ from an unbroken "
+                  "run", flush=True)
         return None
     torch.set_rng_state(states[rank]["cpu"])
     if states[rank]["cuda"] is not None and device.type == "cuda":
