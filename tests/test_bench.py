@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bench
-from harness import hardware
+from harness import configurator, hardware
 from model import GPT, GPTConfig, MODES
 
 
@@ -90,3 +90,16 @@ def test_the_compile_trial_falls_back_on_a_compiler_error_but_lets_out_of_memory
         hardware.compile_or_eager(Failing(torch.OutOfMemoryError("CUDA out of memory")), x, x,
                                   contextlib.nullcontext())
     torch._dynamo.reset()
+
+
+def test_a_cuda_device_is_made_the_current_one(monkeypatch):
+    """device=cuda:1 in one process once left GPU 0 current: its RNG state went into the checkpoint, and its
+    memory and capability were read. The resolver now sets it, and under DDP picks the local rank's GPU."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
+    assert configurator.resolve_device("cuda:1") == "cuda:1" and current == ["cuda:1"]
+    assert configurator.resolve_device("auto") == "cuda:0" and current[-1] == "cuda:0"
+    assert configurator.resolve_device("cuda", ddp_rank=3) == "cuda:3" and current[-1] == "cuda:3"
+    assert configurator.resolve_device("cpu") == "cpu" and len(current) == 3

@@ -478,19 +478,26 @@ def test_sweep_refuses_unknown_or_doubled_keys():
         "n_layer=2,dropout=0", "n_layer=2,dropout=0.1", "n_layer=3,dropout=0", "n_layer=3,dropout=0.1"]
 
 
-def test_sweep_pairs_runs_within_each_value_and_summarizes_each(tmp_path):
+def run_tiny_sweep(tmp_path, corpora, *flags):
+    """Byte datasets of 20 documents of random words, {name: words}, and a compare.py sweep over tiny.py."""
     rng = random.Random(1)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(20):
-        (src / f"doc{i}.txt").write_text(" ".join(rng.choice(["def", "self", "x", "for"]) for _ in range(300)))
-    prepare.prepare([str(src)], name="tiny", tokenizer="byte", data_dir=str(tmp_path / "data"), val_fraction=0.2,
-                    workers=1, quiet=True)
+    for name, words in corpora.items():
+        src = tmp_path / f"src_{name}"
+        src.mkdir()
+        for i in range(20):
+            (src / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
+        prepare.prepare([str(src)], name=name, tokenizer="byte", data_dir=str(tmp_path / "data"), val_fraction=0.2,
+                        workers=1, quiet=True)
     (tmp_path / "tiny.py").write_text(TINY_CONFIG.format(data_dir=str(tmp_path / "data")))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "tiny.py", "--modes=0,3", "--seeds=2",
-                             "--sweep", "mixing_lr_mult=1,300", "--max_iters=6", "--eval_interval=3", "--parallel=2"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             *flags, "--parallel=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_sweep_pairs_runs_within_each_value_and_summarizes_each(tmp_path):
+    result = run_tiny_sweep(tmp_path, {"tiny": ["def", "self", "x", "for"]}, "--sweep", "mixing_lr_mult=1,300",
+                            "--max_iters=6", "--eval_interval=3")
     values = ("mixing_lr_mult=1", "mixing_lr_mult=300")
     folder = {(v, m, s): str(tmp_path / "runs" / "tiny" / v / f"mode{m}_seed{s}")
               for v in values for m in (0, 3) for s in (0, 1)}
@@ -525,19 +532,8 @@ def test_sweep_pairs_runs_within_each_value_and_summarizes_each(tmp_path):
 def test_a_dataset_sweep_pairs_within_each_corpus_and_prints_the_effect_table(tmp_path):
     """Two corpora (different words): the runs of a seed share their init, each corpus its own batches, and the
     effect of mode 3 at each corpus is read from the runs' own metrics; raw losses are not compared across corpora."""
-    rng = random.Random(2)
-    for name, words in (("code", ["def", "self", "x", "for"]), ("prose", ["the", "cat", "sat", "on", "a", "mat"])):
-        src = tmp_path / name
-        src.mkdir()
-        for i in range(20):
-            (src / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
-        prepare.prepare([str(src)], name=name, tokenizer="byte", data_dir=str(tmp_path / "data"), val_fraction=0.2,
-                        workers=1, quiet=True)
-    (tmp_path / "tiny.py").write_text(TINY_CONFIG.format(data_dir=str(tmp_path / "data")))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "tiny.py", "--modes=0,3", "--seeds=2",
-                             "--sweep", "dataset=code,prose", "--max_iters=4", "--eval_interval=2", "--parallel=2"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    run_tiny_sweep(tmp_path, {"code": ["def", "self", "x", "for"], "prose": ["the", "cat", "sat", "on", "a", "mat"]},
+                   "--sweep", "dataset=code,prose", "--max_iters=4", "--eval_interval=2")
     final = {(v, m, s): read_records(str(tmp_path / "runs" / "tiny" / f"dataset={v}" / f"mode{m}_seed{s}"))[-1]
              for v in ("code", "prose") for m in (0, 3) for s in (0, 1)}
     summary = json.load(open(tmp_path / "results" / "tiny" / "summary.json"))

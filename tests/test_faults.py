@@ -3,7 +3,7 @@ Faults, tested the way a database tests durability: train.py, prepare.py and com
 SIGKILL at random moments (a fixed seed chooses the moments, so a failure replays), writes that fail
 on a full disk (RLIMIT_FSIZE in the child), a checkpoint corrupted on disk, and a catalogue of bad
 inputs, each of which must end in one line that names the problem and the fix, with nothing on disk
-changed. The README's "Faults and bad input" section lists the catalogue.
+changed. docs/faults.md lists the catalogue.
 """
 import glob
 import hashlib
