@@ -149,7 +149,8 @@ def parse_args(argv):
     add("--name", help="sweep name: runs/NAME and results/NAME (default: the config names)")
     add("--baseline", help="the mode the others are paired against (default: the lowest mode)")
     add("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-        help="every mode and seed at each value of a train.py config key (repeat for a grid)")
+        help="every mode and seed at each value of a train.py config key (repeat for a grid; "
+        "K1/K2=V1/W1,V2/W2 moves two keys together)")
     either = parser.add_mutually_exclusive_group().add_argument
     either("--parallel", type=int, help="runs at a time (default 1); on CPU they split the cores")
     either("--gpus", help="GPU ids, one run on each at a time, e.g. 0,1 (repeat an id for two)")
@@ -172,17 +173,21 @@ def parse_args(argv):
         if key in SET_PER_RUN:
             raise CompareError(f"--{key}: compare.py sets {key} per run; use {SET_PER_RUN[key]}")
     args.grid = [{}]  # one {key: value text} per point of the sweep's grid
-    for spec in args.sweep:
-        key, _, values = spec.partition("=")
-        try:
-            configurator.check_key(key, f"--sweep {spec}", configurator.defaults(TRAIN_PY),
-                                   "train.py")
-        except configurator.ConfigError as e:
-            raise CompareError(e) from None
-        if key in SET_PER_RUN or key in flag_keys or not values or key in args.grid[0]:
+    for spec in args.sweep:  # KEY=V1,V2 or, for keys that move together, K1/K2=V1/W1,V2/W2
+        keys, _, values = spec.partition("=")
+        keys, points = keys.split("/"), [v.split("/") for v in values.split(",") if v]
+        for key in keys:
+            try:
+                configurator.check_key(key, f"--sweep {spec}", configurator.defaults(TRAIN_PY),
+                                       "train.py")
+            except configurator.ConfigError as e:
+                raise CompareError(e) from None
+        if ({*keys} & {*SET_PER_RUN, *flag_keys, *args.grid[0]} or not points
+                or any(len(p) != len(keys) for p in points)):
             raise CompareError(f"--sweep {spec}: give a config key that is not set otherwise, "
-                               "and its values, e.g. --sweep mixing_lr_mult=1,10,30")
-        args.grid = [{**point, key: v} for point in args.grid for v in values.split(",")]
+                               "and its values (one per key), e.g. --sweep mixing_lr_mult=1,10,30 "
+                               "or --sweep learning_rate/min_lr=1e-3/1e-4,4e-3/4e-4")
+        args.grid = [{**point, **dict(zip(keys, p))} for point in args.grid for p in points]
     return args, flags
 
 
@@ -663,7 +668,7 @@ def main(argv):
         os.makedirs(os.path.join(folder, v), exist_ok=True)
         plot_results(block, [r for r in results if r["value"] == v], os.path.join(folder, v))
     if args.sweep:
-        keys = [spec.partition("=")[0] for spec in args.sweep]
+        keys = list(args.grid[0])
         effect, interaction = effect_by_value(blocks)
         summary = {"name": args.name, "command": command, "keys": keys, "values": blocks,
                    "effect_by_value": effect, "interaction": interaction, "across_values": None

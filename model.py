@@ -23,6 +23,19 @@ h_0 = token + position embedding, h_m the input of block m, a_m the input of its
                       q_k = 0 at init: z_k = mean(s_0..s_k)
   mode 7 x0_mix       h_m <- lambda_m h_m + mu_m h_0 at the entry of every block, then mode 0
                       (modded-nanogpt's x0 lambdas); (lambda_m, mu_m) = (1, 0) at init (= mode 0)
+  modes 8, 9          n = hc_streams residual streams H (B, T, n, C), n copies of h_0 at first.
+                      Sublayer k reads x_k = sum_i r_i H_i; H'_i = sum_j M_ij H_j + w_i f_k(x_k);
+                      the head reads ln_f(mean_i H_i) (the papers sum: the mean makes init exact)
+  mode 8 hyper        Hyper-Connections (Zhu et al. 2025), dynamic: with Hn = LayerNorm(H) (no
+                      gain), r = A_m + s_a tanh(Hn W_m), M^T = A_r + s_a tanh(Hn W_r),
+                      w = B + s_b tanh(Hn W_b); A_m one-hot on stream k mod n, A_r = I, B = 1,
+                      W = 0, s = 0.01 at init (= mode 0 exactly)
+  mode 9 mhc          manifold-constrained HC (DeepSeek 2025): with v = RMSNorm(vec H) (no gain),
+                      r = sigmoid(a_pre v P_pre + b_pre), w = 2 sigmoid(a_post v P_post + b_post),
+                      M = SK(exp(a_res v P_res + b_res)), SK: mhc_iters column-then-row
+                      normalisations (doubly stochastic); P = 0, b = 0 but b_pre = +-1 (+1 on
+                      stream k mod n: b = 0 keeps the streams equal for ever), a = 0.01 at init:
+                      w = 1, M = 1/n, every stream h + f(c h) (= mode 0 but for LayerNorm's eps)
 
 MODES, below, holds what the rest of the code knows of each mode: its name, its mixing parameters
 (one optimizer group, no weight decay: configure_optimizers) and the labels of its reports
@@ -36,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class Mode:
@@ -45,7 +59,7 @@ class Mode:
     params: tuple = ()  # its mixing parameters (Block's or GPT's attribute names), None elsewhere
     mixing: str = None  # what one row of its learned mixing holds, for reports; None: no mixing
     column: str = None  # what a column of its heatmap is
-    row: str = "block"  # what a row is: "block" m, or "z" for a sublayer input z_k
+    row: str = "block"  # what a row is: "block" m, "z" for a sublayer input z_k, or "sublayer" k
 
 
 MODES = (  # residual_mode -> Mode; the wiring of each is in GPT.forward_blocks
@@ -62,6 +76,11 @@ MODES = (  # residual_mode -> Mode; the wiring of each is in GPT.forward_blocks
          "s_0..s_k, mean over the eval windows", "source s_i (s_0 = h_0)", row="z"),
     Mode("x0_mix", ("x0_lambdas",), "(lambda_m, mu_m): h_m <- lambda_m h_m + mu_m h_0",
          "lambda_m, mu_m"),
+    Mode("hyper", ("hc_static", "hc_dynamic", "hc_scales"), "A_r of sublayer k, mean over the "
+         "eval windows (raw: its static part)", "A_r[i, j], row-major", row="sublayer"),
+    Mode("mhc", ("mhc_proj", "mhc_bias", "mhc_alpha"), "H_res of sublayer k, mean over the eval "
+         "windows (raw: SK(exp(b_res)), its static part)", "H_res[i, j], row-major",
+         row="sublayer"),
 )
 MIXING_PARAMS = {p for mode in MODES for p in mode.params}  # one optimizer group, no decay
 
@@ -93,13 +112,22 @@ class GPTConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2
+    norm_eps: float = 1e-5  # LayerNorm's eps (torch's default); it matters where a sublayer's
+    # input is small, as mode 6's mean over 2L+1 sources is at GPT-2's 0.02 init
     residual_mode: int = 0  # see the module docstring; names from MODES work too
-    current_logit: float = 0.0  # modes 3, 4: theta_m, phi_m start at this on block m's own state and
-    # at 0 elsewhere. 0: uniform, the mode starts as mode 1 or 2; large: near the standard residual
+    hc_streams: int = 4  # modes 8, 9: n, the number of residual streams
+    mhc_iters: int = 20  # mode 9: Sinkhorn-Knopp iterations
+    current_logit: float = 0.0  # modes 3, 4: theta_m, phi_m start at this on block m's own state,
+    # 0 elsewhere. 0: uniform, the mode starts as mode 1 or 2; large: near the standard residual
 
     def __post_init__(self):
         self.residual_mode = parse_residual_mode(self.residual_mode)
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        if self.hc_streams < 1 or self.mhc_iters < 1:
+            raise ValueError(f"hc_streams and mhc_iters must be at least 1, got {self.hc_streams} "
+                             f"and {self.mhc_iters}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a number above 0, got {self.norm_eps}")
         if not math.isfinite(self.current_logit):
             raise ValueError(f"current_logit must be a finite number, got {self.current_logit}")
         if self.n_embd % self.n_head != 0:
@@ -162,9 +190,9 @@ class Block(nn.Module):
 
     def __init__(self, config, index):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, config.norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
         # the mixing parameters, None outside their mode; at init each mode is the one it extends
         mode, C = config.residual_mode, config.n_embd
@@ -177,6 +205,20 @@ class Block(nn.Module):
         self.attn_query = optional_param(mode == 6, torch.zeros(C))
         self.mlp_query = optional_param(mode == 6, torch.zeros(C))
         self.x0_lambdas = optional_param(mode == 7, torch.tensor([1.0, 0.0]))  # (lambda_m, mu_m)
+        # modes 8, 9: one set per sublayer, [0] attention, [1] MLP. Mode 8's static [A_m | A_r | B]
+        # (n, n + 2), its W_m | W_r | W_b (C, n + 2), and (s_a, s_b)
+        n, sublayer = config.hc_streams, torch.arange(config.hc_streams)
+        static = [torch.cat([(sublayer == k % n).float()[:, None], torch.eye(n), torch.ones(n, 1)],
+                            1) for k in (2 * index, 2 * index + 1)]
+        self.hc_static = optional_param(mode == 8, torch.stack(static))
+        self.hc_dynamic = optional_param(mode == 8, torch.zeros(2, C, n + 2))
+        self.hc_scales = optional_param(mode == 8, torch.full((2, 2), 0.01))
+        # mode 9's P_pre | P_post | P_res (n C, 2n + n^2), b likewise, (a_pre, a_post, a_res). b_pre
+        # is 1 on stream k mod n and -1 elsewhere, after A_m: b = 0 keeps the streams equal for ever
+        self.mhc_proj = optional_param(mode == 9, torch.zeros(2, n * C, 2 * n + n * n))
+        b_pre = 2 * torch.stack(static)[:, :, 0] - 1  # (2, n)
+        self.mhc_bias = optional_param(mode == 9, torch.cat([b_pre, torch.zeros(2, n + n * n)], 1))
+        self.mhc_alpha = optional_param(mode == 9, torch.full((2, 3), 0.01))
 
 
 class X0Mix(torch.autograd.Function):
@@ -210,7 +252,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, m) for m in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, config.norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
@@ -260,6 +302,8 @@ class GPT(nn.Module):
         mode = self.config.residual_mode
         if mode == 6:  # no residual sum at all: every sublayer input is routed
             return self.attention_residuals(x, kv_cache)
+        if mode in (8, 9):  # n residual streams
+            return self.hyper_connections(x, kv_cache)
         h_0, running_sum = x, 0.0  # modes 1 and 2: the sum of the states so far, one add a block
         # mode 3: a_0..a_m; mode 4: h_0..h_m; mode 5: y_0..y_{m+1}. No copies: ln_1 or ln_2 keeps
         # each alive for backward anyway (but mode 5's y_{m+1}: alpha's gradient needs it)
@@ -320,6 +364,57 @@ class GPT(nn.Module):
                     s = block.mlp(block.ln_2(z))
         return z
 
+    def hyper_connections(self, x, kv_cache=None):
+        """Modes 8 and 9, x: (B, T, C) = h_0 -> mean_i H_i. Backward keeps H (B, T, n, C) once a
+        block, at its entry: the reads (maps, x_k, its LayerNorm) and the stream between the two
+        sublayers are recomputed from it in backward (checkpoint), which costs little next to the
+        sublayers and keeps neither x_k nor a second H."""
+        n = self.config.hc_streams
+        H = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.size(-1))  # (B, T, n, C), n copies
+        record = self.recording_routing and not self.training and not torch.is_grad_enabled()
+        if record:
+            self.routing_count += x.size(0) * x.size(1)
+        for m, block in enumerate(self.transformer.h):
+            cache = kv_cache[m] if kv_cache is not None else None
+            x, M_a, w_a = checkpoint(self.hyper_read, H, 2 * m, record, use_reentrant=False)
+            y_a = block.attn(x, cache)  # (B, T, C)
+            attn_write = (M_a, w_a, y_a)  # H_{2m+1} = M_a H + w_a y_a, rebuilt where it is read
+            x, M_m, w_m = checkpoint(self.hyper_read, H, 2 * m + 1, record, *attn_write,
+                                     use_reentrant=False)
+            y_m = block.mlp(x)
+            H = checkpoint(hyper_write, H, *attn_write, M_m, w_m, y_m, use_reentrant=False)
+        return H.mean(-2)
+
+    def hyper_read(self, H, k, record, *earlier):
+        """Sublayer k's normed input ln(x_k), x_k = sum_i r_i H_i, and its (M, w); `earlier`: the
+        (M, w, y) that turn H into sublayer k's own stream first."""
+        H = hyper_write(H, *earlier)
+        block, mode = self.transformer.h[k // 2], self.config.residual_mode
+        maps = self.hyper_maps if mode == 8 else self.mhc_maps
+        r, M, w = maps(H, *(getattr(block, p)[k % 2] for p in self.mode.params))
+        if record:  # A_r = M^T (mode 8), H_res = M (mode 9): (n, n) summed over positions
+            self.routing_sums[k] += (M.mT if mode == 8 else M).sum((0, 1)).flatten()
+        x = (r.unsqueeze(-2) @ H).squeeze(-2)  # (B, T, C)
+        return (block.ln_1 if k % 2 == 0 else block.ln_2)(x), M, w
+
+    def hyper_maps(self, H, static, W, scales):
+        """Mode 8: (r, M, w) = (A_m(H), A_r(H)^T, B(H)), (B, T, n), (B, T, n, n), (B, T, n).
+        static: [A_m | A_r | B] (n, n + 2); W: [W_m | W_r | W_b] (C, n + 2); scales: (s_a, s_b)."""
+        n = H.size(-2)
+        d = torch.tanh(F.layer_norm(H, H.shape[-1:], eps=self.config.norm_eps) @ W)  # (B,T,n,n+2)
+        r = static[:, 0] + scales[0] * d[..., 0]  # (B, T, n): stream i's weight, from H_i
+        A_r = static[:, 1:n + 1] + scales[0] * d[..., 1:n + 1]  # (B, T, n, n): row i from H_i
+        return r, A_r.mT, static[:, n + 1] + scales[1] * d[..., n + 1]
+
+    def mhc_maps(self, H, proj, bias, alpha):
+        """Mode 9: (r, M, w) = (H_pre, H_res, H_post), (B, T, n), (B, T, n, n), (B, T, n).
+        proj: [P_pre | P_post | P_res] (n C, 2n + n^2); bias likewise; alpha: the three a's."""
+        n, flat = H.size(-2), H.flatten(-2)  # (B, T, n C)
+        v_proj = F.rms_norm(flat, flat.shape[-1:], eps=1e-6) @ proj  # (B, T, 2n + n^2)
+        logits = v_proj * alpha[[0] * n + [1] * n + [2] * n * n] + bias
+        M = sinkhorn(logits[..., 2 * n:].unflatten(-1, (n, n)), self.config.mhc_iters)
+        return torch.sigmoid(logits[..., :n]), M, 2 * torch.sigmoid(logits[..., n:2 * n])
+
     @staticmethod
     def weighted_sum(weights, states, softmax=False):
         """sum_i weights[..., i] * states[i], weights (n,), or (B, T, n) per position, softmax-ed
@@ -334,27 +429,18 @@ class GPT(nn.Module):
             total = torch.addcmul(total, w_i, state)  # total + w_i * state in one op, no temporary
         return total
 
-    def layer_logits(self):
-        """The raw theta_m (mode 3) or phi_m (mode 4) of every block (the Parameters themselves),
-        None where a block has none."""
-        return [block.layer_logits for block in self.transformer.h]
-
-    @torch.no_grad()
-    def layer_weights(self):
-        """The normalised weights softmax(theta_m) of every block as 1-D float tensors, None where a
-        block has no learnable weights."""
-        return [None if t is None else t.float().softmax(0).cpu() for t in self.layer_logits()]
-
     def record_routing(self, on=True):
-        """Mode 6: while on, each forward in eval mode without gradients adds its routing weights
-        to routing_sums (2L+1, 2L+1; row k: z_k's weights over s_0..s_k) and its positions to
-        routing_count; mixing_weights() averages them. Turning it on starts from zero; training
-        never records, nor does any other mode. Under DDP each rank holds its own sums: all_reduce
-        both before reading."""
-        self.recording_routing = on and self.config.residual_mode == 6
+        """Modes 6, 8, 9: while on, each forward in eval mode without gradients adds its routing
+        weights to routing_sums (mode 6: (2L+1, 2L+1), row k z_k's weights over s_0..s_k; modes 8,
+        9: (2L, n^2), row k sublayer k's A_r or H_res) and its positions to routing_count;
+        mixing_weights() averages them. Turning it on starts from zero; training never records, nor
+        does any other mode. Under DDP each rank holds its own sums: all_reduce both first."""
+        cfg, like = self.config, self.lm_head.weight
+        self.recording_routing = on and cfg.residual_mode in (6, 8, 9)
         if self.recording_routing:
-            n, like = 2 * self.config.n_layer + 1, self.lm_head.weight
-            self.routing_sums = torch.zeros(n, n, dtype=like.dtype, device=like.device)
+            shape = (2 * cfg.n_layer + 1,) * 2 if cfg.residual_mode == 6 else (
+                2 * cfg.n_layer, cfg.hc_streams ** 2)  # modes 8, 9: sublayer k's matrix, flat
+            self.routing_sums = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.routing_count = torch.zeros((), dtype=like.dtype, device=like.device)
 
     @torch.no_grad()
@@ -365,23 +451,32 @@ class GPT(nn.Module):
         raw[m] the logits (None for block 0). Mode 5: rows[m] = raw[m] = alpha_m over y_0..y_{m+1}.
         Mode 7: rows[m] = raw[m] = (lambda_m, mu_m). Mode 6: rows[k] = z_k's routing weights over
         s_0..s_k averaged over the recorded positions (record_routing; row 2L: the head), else
-        None; raw[k] = q_k."""
+        None; raw[k] = q_k. Modes 8, 9: rows[k] = sublayer k's A_r / H_res, flat, averaged likewise;
+        raw[k] its static part, A_r / SK(exp(b_res))."""
         mode, blocks = self.config.residual_mode, self.transformer.h
 
         def cpu(t):
             return None if t is None else t.detach().float().cpu()
         if mode in (3, 4):
-            return {"rows": self.layer_weights(), "raw": [cpu(t) for t in self.layer_logits()]}
+            raw = [cpu(b.layer_logits) for b in blocks]
+            return {"rows": [None if t is None else t.softmax(0) for t in raw], "raw": raw}
         if mode in (5, 7):
             raw = [cpu(b.dwa_weights if mode == 5 else b.x0_lambdas) for b in blocks]
             return {"rows": raw, "raw": raw}
+        if not self.mode.params:  # modes 0-2
+            return None
+        count = 0 if self.routing_count is None else self.routing_count.item()
+        mean = cpu(self.routing_sums / count) if count else None
         if mode == 6:
-            count = 0 if self.routing_count is None else self.routing_count.item()
-            mean = cpu(self.routing_sums / count) if count else None
             rows = None if mean is None else [row[:k + 1] for k, row in enumerate(mean)]
             raw = [q for b in blocks for q in (b.attn_query, b.mlp_query)] + [self.final_query]
-            return {"rows": rows, "raw": [cpu(q) for q in raw]}
-        return None
+        else:  # modes 8, 9
+            n = self.config.hc_streams
+            rows = None if mean is None else list(mean)
+            raw = [b.hc_static[j][:, 1:n + 1] if mode == 8 else
+                   sinkhorn(b.mhc_bias[j][2 * n:].view(n, n), self.config.mhc_iters)
+                   for b in blocks for j in (0, 1)]
+        return {"rows": rows, "raw": [cpu(t).flatten() for t in raw]}
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
                              mixing_lr_mult=1.0):
@@ -447,6 +542,25 @@ class GPT(nn.Module):
         """(B, T) prompt -> (B, T + max_new_tokens); keyword arguments as generate_stream."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + new, dim=1)
+
+
+def hyper_write(H, *writes):
+    """Modes 8, 9: the streams after each sublayer's (M, w, y) in turn, (B, T, n, C):
+    H'_i = sum_j M_ij H_j + w_i y."""
+    for M, w, y in zip(writes[::3], writes[1::3], writes[2::3]):
+        H = M @ H + w.unsqueeze(-1) * y.unsqueeze(-2)
+    return H
+
+
+def sinkhorn(logits, iters):
+    """(..., n, n) logits -> SK(exp(logits)): `iters` column-then-row normalisations, as mHC: rows
+    sum to 1 (each new stream is a convex mix of the old) and columns nearly. Each column's max
+    comes off first: its scale cancels in the first normalisation, and exp cannot overflow."""
+    M = (logits - logits.amax(-2, keepdim=True)).exp()
+    for _ in range(iters):
+        M = M / M.sum(-2, keepdim=True)
+        M = M / M.sum(-1, keepdim=True)
+    return M
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

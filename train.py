@@ -38,6 +38,8 @@ out_dir = "out"
 # model (see model.py)
 residual_mode = 0  # a number, or a name from model.MODES (model.py's docstring has the equations)
 current_logit = 0.0  # modes 3, 4: the initial logit of a block's own state; 0: uniform (model.py)
+hc_streams = 4  # modes 8, 9: the number of residual streams
+mhc_iters = 20  # mode 9: Sinkhorn-Knopp iterations
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -45,6 +47,7 @@ mlp_hidden = 2048  # MLP width; 0 means 4 * n_embd
 block_size = 1024  # tokens of context; a training window holds block_size + 1 tokens
 dropout = 0.0
 bias = True  # biases in Linears and LayerNorms, like GPT-2
+norm_eps = 1e-5  # LayerNorm's eps
 # batch and budget
 batch_size = 4  # windows per micro-step per process
 gradient_accumulation_steps = 8  # micro-steps per iteration over all processes: DDP splits them up
@@ -60,7 +63,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-mixing_lr_mult = 1.0  # modes 3-7: learning-rate multiplier of the residual-mixing parameters
+mixing_lr_mult = 1.0  # modes 3-9: learning-rate multiplier of the residual-mixing parameters
 # evaluation, logging, checkpoints
 eval_interval = 200  # evaluate every this many iterations, and at the end
 eval_iters = 40  # validation batches of batch_size windows: a fixed set, the same in every run
@@ -161,10 +164,9 @@ lr_decay_iters = lr_decay_iters or (ckpt["config"]["lr_decay_iters"] if ckpt els
 config.update({k: globals()[k] for k in config}, device=str(device))  # as resolved: dtype, ...
 
 torch.manual_seed(seed + rank)
-raw_model = model_lib.GPT(model_lib.GPTConfig(**model_args))
+raw_model = model_lib.GPT(model_lib.GPTConfig(**model_args)).to(device)
 if ckpt:
-    raw_model.load_state_dict(ckpt["model"])
-raw_model.to(device)
+    raw_model.load_state_dict(ckpt["model"])  # copied into the device's parameters
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.type,
                                            mixing_lr_mult)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
@@ -218,10 +220,10 @@ def to_device(windows):
 @torch.no_grad()
 def evaluate(model):
     """Mean next-token loss and top-1 accuracy over the fixed validation windows. DDP ranks take
-    every world_size-th batch and the sums are added across ranks. Mode 6 also records its routing
-    weights, averaged over these windows."""
+    every world_size-th batch and the sums are added across ranks. Modes 6, 8 and 9 also record
+    their routing or stream mixing, averaged over these windows; other modes record nothing."""
     model.eval()
-    raw_model.record_routing(True)  # mode 6's routing weights; other modes record nothing
+    raw_model.record_routing(True)
     t0 = time.perf_counter()
     batches = [val_ids[i:i + batch_size] for i in range(0, len(val_ids), batch_size)]
     loss_sum = correct = tokens = 0.0

@@ -143,7 +143,7 @@ def format_eval(rec):
 
 
 # -----------------------------------------------------------------------------
-# the learned residual mixing: one row per block (per sublayer input z_k in mode 6)
+# the learned residual mixing: one row per block (per z_k in mode 6, per sublayer in modes 8 and 9)
 
 def mixing_rows(model):
     """One row per block (per z_k in mode 6): index, count, raw parameters and the weights a heatmap
@@ -211,9 +211,9 @@ def save_figure(plt, fig, path):
 
 
 def draw_layer_heatmap(fig, ax, rows, digits, mode, title):
-    """rows[r]: the weights of heatmap row r (block m, or z_k in mode 6), or None: drawn row by row,
-    lower-triangular where each row reaches one further back, blank where a row has none. mode:
-    model.MODES' row, which names the rows and columns."""
+    """rows[r]: the weights of heatmap row r (block m, z_k in mode 6, sublayer k in modes 8 and 9),
+    or None: drawn row by row, lower-triangular where each row reaches one further back, blank
+    where a row has none. mode: model.MODES' row, which names the rows and columns."""
     rows = [[] if row is None else list(row) for row in rows]
     width = max([1, *map(len, rows)])
     grid = np.array([row + [np.nan] * (width - len(row)) for row in rows])  # nan stays blank
@@ -222,8 +222,8 @@ def draw_layer_heatmap(fig, ax, rows, digits, mode, title):
         for r, i in zip(*np.nonzero(~np.isnan(grid))):
             ax.text(i, r, f"{grid[r, i]:.{digits}f}", ha="center", va="center", fontsize=7,
                     color="w")
-    ax.set(xlabel=mode.column, ylabel="block m" if mode.row == "block" else "sublayer input z_k",
-           xticks=range(width), yticks=range(len(rows)))
+    ylabel = {"block": "block m", "z": "sublayer input z_k", "sublayer": "sublayer k"}[mode.row]
+    ax.set(xlabel=mode.column, ylabel=ylabel, xticks=range(width), yticks=range(len(rows)))
     ax.set_title(f"{mode.mixing}\n{title}", fontsize=9)
     fig.colorbar(image, ax=ax)
 

@@ -61,6 +61,25 @@ def test_every_mode_is_benchmarked():
     assert [mode for _, cls, mode in bench.MODEL_VARIANTS if cls is GPT] == list(range(len(MODES)))
 
 
+@pytest.mark.parametrize("mode", [mode for _, cls, mode in bench.MODEL_VARIANTS if cls is bench.NaiveGPT])
+def test_a_naive_variant_computes_what_its_mode_does(mode):
+    """The naive rows are a contrast in speed and memory only: the same logits and gradients."""
+    torch.manual_seed(0)
+    model = tiny(mode, n_layer=3).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # mixing away from its init, where modes coincide
+    naive = bench.NaiveGPT(model.config).double()
+    naive.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    (logits, loss), (naive_logits, naive_loss) = model(idx, idx), naive(idx, idx)
+    assert (logits - naive_logits).abs().max().item() < 1e-10
+    loss.backward()
+    naive_loss.backward()
+    for (name, p), q in zip(model.named_parameters(), naive.parameters()):
+        assert (p.grad - q.grad).abs().max().item() < 1e-10, name
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H100 NVL", None), ("NVIDIA L4", 121e12), ("NVIDIA L40", None)])
 def test_gpu_peaks_are_looked_up_by_exact_name(monkeypatch, name, peak):

@@ -470,12 +470,18 @@ def test_sweep_refuses_unknown_or_doubled_keys():
     for argv, words in ((["--sweep", "mixing_lr_mul=1,10"], "unknown config key 'mixing_lr_mul'.*did you mean 'mixing_lr_mult'"),
                         (["--sweep", "seed=1,2"], "--sweep seed=1,2: give a config key that is not set otherwise"),
                         (["--sweep", "n_layer=2,3", "--n_layer=4"], "not set otherwise"),
-                        (["--sweep", "n_layer="], "its values")):
+                        (["--sweep", "n_layer="], "its values"),
+                        (["--sweep", "learning_rate/min_lr=1e-3/1e-4,4e-3"], "one per key"),
+                        (["--sweep", "learning_rate/seed=1e-3/1"], "not set otherwise")):
         with pytest.raises(compare.CompareError, match=words):
             compare.parse_args(["cfg.py", *argv])
     args, _ = compare.parse_args(["cfg.py", "--sweep", "n_layer=2,3", "--sweep", "dropout=0,0.1"])
     assert [compare.value_name(p) for p in args.grid] == [
         "n_layer=2,dropout=0", "n_layer=2,dropout=0.1", "n_layer=3,dropout=0", "n_layer=3,dropout=0.1"]
+    args, _ = compare.parse_args(["cfg.py", "--sweep", "learning_rate/min_lr=1e-3/1e-4,4e-3/4e-4"])
+    assert args.grid == [{"learning_rate": "1e-3", "min_lr": "1e-4"}, {"learning_rate": "4e-3", "min_lr": "4e-4"}]
+    assert [compare.value_name(p) for p in args.grid] == ["learning_rate=1e-3,min_lr=1e-4",
+                                                         "learning_rate=4e-3,min_lr=4e-4"]
 
 
 def run_tiny_sweep(tmp_path, corpora, *flags):

@@ -11,7 +11,7 @@ from model import GPT, GPTConfig, MODES, parse_residual_mode
 ALL_MODES = list(range(len(MODES)))  # every mode model.py has, a new one included
 LEARNED = [m for m in ALL_MODES if MODES[m].params]  # the modes with mixing parameters
 # the modes reference_logits below implements, from their equations: a new mode adds its own
-REFERENCE_MODES = [0, 1, 2, 3, 4, 5, 6, 7]
+REFERENCE_MODES = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def tiny_config(mode, **kw):
@@ -102,6 +102,8 @@ def reference_logits(model, idx):
     assert cfg.residual_mode in REFERENCE_MODES, "add the new mode's equations to reference_logits"
     if cfg.residual_mode == 6:
         return reference_attn_res(model, idx)[0]
+    if cfg.residual_mode in (8, 9):
+        return reference_hyper(model, idx)[0]
     h0 = h = ref_embed(model, idx)
     hs, as_, ys = [], [], [h0]  # h_0..h_m (attention inputs), a_0..a_m (MLP inputs), y_0..y_{m+1}
     for m, block in enumerate(model.transformer.h):
@@ -155,6 +157,43 @@ def reference_attn_res(model, idx, plain_mean=False):
     return ref_head(model, z), weights
 
 
+def reference_hyper(model, idx):
+    """Modes 8 and 9 from their equations, stream by stream (H: a list of n (B, T, C) tensors):
+    logits, and each sublayer's A_r (mode 8) or H_res (mode 9), (B, T, n, n)."""
+    cfg, blocks, n = model.config, model.transformer.h, model.config.hc_streams
+    H, mats = [ref_embed(model, idx)] * n, []
+    for k in range(2 * cfg.n_layer):
+        block, j = blocks[k // 2], k % 2
+        if cfg.residual_mode == 8:
+            static, W, (s_a, s_b) = (getattr(block, p)[j].detach() for p in MODES[8].params)
+            Hn = [(h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True)
+                                                              + cfg.norm_eps) for h in H]
+            d = [torch.tanh(hn @ W) for hn in Hn]  # stream i's (B, T, n + 2): W_m | W_r | W_b
+            read = torch.stack([static[i, 0] + s_a * d[i][..., 0] for i in range(n)], -1)
+            A_r = torch.stack([torch.stack([static[i, 1 + c] + s_a * d[i][..., 1 + c] for c in range(n)], -1)
+                               for i in range(n)], -2)  # (B, T, n, n), row i from stream i
+            write = torch.stack([static[i, n + 1] + s_b * d[i][..., n + 1] for i in range(n)], -1)
+            carry = [[A_r[..., i, c] for i in range(n)] for c in range(n)]  # H'_c = sum_i A_r[i, c] H_i
+            mats.append(A_r)
+        else:
+            proj, bias, (a_pre, a_post, a_res) = (getattr(block, p)[j].detach() for p in MODES[9].params)
+            v = torch.cat(H, -1)
+            v = v / torch.sqrt((v ** 2).mean(-1, keepdim=True) + 1e-6)
+            read = 1 / (1 + torch.exp(-(a_pre * (v @ proj[:, :n]) + bias[:n])))
+            write = 2 / (1 + torch.exp(-(a_post * (v @ proj[:, n:2 * n]) + bias[n:2 * n])))
+            res = torch.exp(a_res * (v @ proj[:, 2 * n:]) + bias[2 * n:]).unflatten(-1, (n, n))
+            for _ in range(cfg.mhc_iters):  # Sinkhorn-Knopp: columns, then rows, sum to 1
+                res = res / res.sum(-2, keepdim=True)
+                res = res / res.sum(-1, keepdim=True)
+            carry = [[res[..., i, c] for c in range(n)] for i in range(n)]  # H'_i = sum_c res[i, c] H_c
+            mats.append(res)
+        x = sum(read[..., i, None] * H[i] for i in range(n))
+        y = ref_f_attn(block, x, cfg.n_head) if j == 0 else ref_f_mlp(block, x)
+        H = [sum(carry[o][i][..., None] * H[i] for i in range(n)) + write[..., o, None] * y
+             for o in range(n)]
+    return ref_head(model, sum(H) / n), mats
+
+
 # ------------------------------------------------------- tests
 
 @pytest.mark.parametrize("mode", ALL_MODES)
@@ -177,7 +216,7 @@ def test_modes_really_differ():
             assert (outs[i] - outs[j]).abs().max().item() > 1e-4, (i, j)
 
 
-@pytest.mark.parametrize("mode, base", [(3, 1), (4, 2), (5, 0), (7, 0)])
+@pytest.mark.parametrize("mode, base", [(3, 1), (4, 2), (5, 0), (7, 0), (8, 0)])
 def test_learned_mode_at_init_equals_its_base(mode, base):
     idx = tokens((2, 13), 3)
     plain = make_model(base, seed=5, random_mixing=False)
@@ -186,6 +225,63 @@ def test_learned_mode_at_init_equals_its_base(mode, base):
         assert (plain(idx)[0] - learned(idx)[0]).abs().max().item() < 1e-12
         perturb_mixing(learned)  # and the mixing parameters really are used
         assert (plain(idx)[0] - learned(idx)[0]).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("mode, bound", [(6, 1.0), (9, 1e-2)])
+def test_at_init_mode_is_mode0_but_for_layernorm_eps(mode, bound):
+    """Mode 6 at init reads z_k = mean(s_0..s_k) = h / (k + 1), mode 9 reads sum_i H_pre,i H_i = c h
+    (then H_res = 1/n and H_post = 1 keep the streams equal): h's scale changes, which LayerNorm
+    drops but for its eps. So with eps -> 0 both are mode 0; at the default eps mode 9 is within
+    `bound` (0.0041 at configs/cpu.py's shape), while mode 6's 1/(k + 1) pushes var(z_k) toward eps."""
+    idx = tokens((2, 9), 15)
+    with torch.no_grad():
+        gaps = [(make_model(mode, seed=5, random_mixing=False, norm_eps=eps)(idx)[0]
+                 - make_model(0, seed=5, random_mixing=False, norm_eps=eps)(idx)[0]).abs().max().item()
+                for eps in (1e-5, 1e-30)]
+    assert gaps[1] < 1e-12 and 1e-4 < gaps[0] < bound
+    with pytest.raises(ValueError, match="norm_eps must be a number above 0"):
+        GPTConfig(norm_eps=0.0)
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    """20 iterations: rows sum to 1 (the last step), columns within 1e-6 for logits of std 0.5, n >= 3.
+    SK slows as the matrix leaves uniform: at std 1, 1% of 4 x 4 matrices miss 1e-6 (by up to 1.4e-3),
+    and n = 2 is the slowest."""
+    from model import sinkhorn
+    g = torch.Generator().manual_seed(3)
+    for n in (3, 4, 8):
+        logits = 0.5 * torch.randn(2000, n, n, generator=g)
+        M = sinkhorn(logits, 20)
+        assert M.min().item() > 0
+        assert (M.sum(-1) - 1).abs().max().item() < 1e-6 and (M.sum(-2) - 1).abs().max().item() < 1e-6
+        assert (sinkhorn(4 * logits, 20).sum(-1) - 1).abs().max().item() < 1e-6
+        shifted = logits.double() + 50 * torch.randn(2000, 1, n, generator=g, dtype=torch.float64)
+        assert (sinkhorn(shifted, 20) - M).abs().max().item() < 1e-6  # a column's shift: no change
+    assert torch.equal(sinkhorn(torch.zeros(4, 4), 20), torch.full((4, 4), 0.25))
+
+
+def test_mode9_streams_part_at_their_first_step():
+    """The n streams start equal. With b = 0 everything is symmetric in the streams: the columns of P_pre and
+    P_post get the same gradient, H_res's none (its entries sum to n), so the streams would stay equal for ever.
+    b_pre = +1 on stream k mod n, -1 elsewhere breaks the tie, after HC's one-hot A_m, and leaves the start as
+    it was (test_at_init_mode_is_mode0_but_for_layernorm_eps)."""
+    idx = tokens((2, 9), 16)
+    for tied in (True, False):
+        model = make_model(9, random_mixing=False)
+        if tied:
+            with torch.no_grad():
+                for block in model.transformer.h:
+                    block.mhc_bias.zero_()
+        model(idx, targets=idx.roll(-1, dims=1))[1].backward()
+        n = model.config.hc_streams
+        for block in model.transformer.h[:-1]:  # the last block's MLP writes to the head's mean
+            proj, bias = block.mhc_proj.grad, block.mhc_bias.grad  # (2, n C, 2n + n^2), (2, 2n + n^2)
+            post = torch.cat([proj[:, :, n:2 * n], bias[:, None, n:2 * n]], 1)  # P_post and b_post
+            spread = (post - post[..., :1]).abs().amax((1, 2)) / post.abs().amax((1, 2))
+            if tied:
+                assert spread.max().item() < 1e-12 and bias[:, 2 * n:].abs().max().item() < 1e-15
+            else:
+                assert spread.min().item() > 1e-4  # small: the uniform H_res passes the mean on
 
 
 def test_mode6_zero_queries_route_the_plain_mean():
@@ -204,7 +300,7 @@ def test_block0_is_standard_residual(mode):
     idx = tokens((2, 7), 4)
     std = make_model(0, seed=6, n_layer=1)
     other = make_model(mode, seed=6, n_layer=1)
-    assert other.layer_logits() == [None]
+    assert other.transformer.h[0].layer_logits is None
     with torch.no_grad():
         assert torch.equal(std(idx)[0], other(idx)[0])
 
@@ -238,14 +334,14 @@ def test_gradients_reach_every_mixing_parameter(mode):
 
 def test_layer_weights_shape_and_sum():
     model = make_model(3)
-    weights = model.layer_weights()
+    weights = model.mixing_weights()["rows"]
     assert len(weights) == 4 and weights[0] is None
     for m in range(1, 4):
         assert weights[m].shape == (m + 1,)
         assert abs(weights[m].sum().item() - 1) < 1e-6
-        expected = torch.softmax(model.layer_logits()[m].detach().float(), 0)
+        expected = torch.softmax(model.transformer.h[m].layer_logits.detach().float(), 0)
         assert torch.allclose(weights[m], expected)
-    assert make_model(1).layer_weights() == [None] * 4
+    assert make_model(1).mixing_weights() is None
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
@@ -266,6 +362,24 @@ def test_mixing_weights(mode):
         assert [tuple(q.shape) for q in mix["raw"]] == [(C,)] * (2 * L + 1)
         assert torch.equal(mix["raw"][-1], model.final_query.detach().float())
         assert torch.equal(mix["raw"][3], model.transformer.h[1].mlp_query.detach().float())
+    elif mode in (8, 9):
+        assert mix["rows"] is None  # nothing recorded
+        n, raw = model.config.hc_streams, mix["raw"]
+        assert [tuple(r.shape) for r in raw] == [(n * n,)] * (2 * L)
+        if mode == 8:
+            assert torch.equal(raw[3], model.transformer.h[1].hc_static[1, :, 1:n + 1].detach().flatten().float())
+        else:  # SK(exp(b_res)): doubly stochastic
+            assert torch.allclose(raw[3].view(n, n).sum(0), torch.ones(n), atol=1e-6)
+            assert torch.allclose(raw[3].view(n, n).sum(1), torch.ones(n), atol=1e-6)
+        model.record_routing()
+        idx = tokens((2, 7), 5)
+        with torch.no_grad():
+            model(idx)
+        mats = reference_hyper(model, idx)[1]
+        rows = model.mixing_weights()["rows"]
+        assert len(rows) == 2 * L
+        for k, row in enumerate(rows):
+            assert torch.allclose(row, mats[k].mean((0, 1)).flatten().float(), atol=1e-6)
     elif mode in (5, 7):
         name = "dwa_weights" if mode == 5 else "x0_lambdas"
         shapes = [(m + 2,) if mode == 5 else (2,) for m in range(L)]
@@ -274,20 +388,24 @@ def test_mixing_weights(mode):
             assert torch.equal(mix["rows"][m], getattr(block, name).detach().float())
 
 
-# parameters each mode adds to mode 0, with L blocks of width C: 77, 77, 90, 25 C, 24 at 12 blocks
-PARAM_COUNTS = {0: lambda L, C: 0, 1: lambda L, C: 0, 2: lambda L, C: 0,
-                3: lambda L, C: L * (L + 1) // 2 - 1, 4: lambda L, C: L * (L + 1) // 2 - 1,
-                5: lambda L, C: L * (L + 3) // 2, 6: lambda L, C: (2 * L + 1) * C,
-                7: lambda L, C: 2 * L}
+# parameters each mode adds to mode 0, with L blocks of width C and n streams: 77, 77, 90, 25 C,
+# 24 at 12 blocks; modes 8 and 9 per sublayer: [A_m | A_r | B], W_m | W_r | W_b, s_a, s_b, and
+# P_pre | P_post | P_res, b likewise, a_pre, a_post, a_res
+PARAM_COUNTS = {0: lambda L, C, n: 0, 1: lambda L, C, n: 0, 2: lambda L, C, n: 0,
+                3: lambda L, C, n: L * (L + 1) // 2 - 1, 4: lambda L, C, n: L * (L + 1) // 2 - 1,
+                5: lambda L, C, n: L * (L + 3) // 2, 6: lambda L, C, n: (2 * L + 1) * C,
+                7: lambda L, C, n: 2 * L,
+                8: lambda L, C, n: 2 * L * (n * (n + 2) + C * (n + 2) + 2),
+                9: lambda L, C, n: 2 * L * ((n * C + 1) * (2 * n + n * n) + 3)}
 
 
-@pytest.mark.parametrize("n_layer", [1, 4, 12])
+@pytest.mark.parametrize("n_layer, n", [(1, 4), (4, 4), (12, 4), (4, 3)])
 @pytest.mark.parametrize("mode", sorted(PARAM_COUNTS))
-def test_mixing_parameter_count(mode, n_layer):
+def test_mixing_parameter_count(mode, n_layer, n):
     L, C = n_layer, 16
-    expected = PARAM_COUNTS[mode](L, C)
+    expected = PARAM_COUNTS[mode](L, C, n)
     plain = GPT(tiny_config(0, n_layer=n_layer))
-    learned = GPT(tiny_config(mode, n_layer=n_layer))
+    learned = GPT(tiny_config(mode, n_layer=n_layer, hc_streams=n))
     assert learned.num_params() - plain.num_params() == expected
     assert sum(p.numel() for p in mixing_params(learned).values()) == expected
 
@@ -301,7 +419,7 @@ def test_unknown_mode_raises(bad):
 def test_mode_names():
     assert [parse_residual_mode(mode.name) for mode in MODES] == ALL_MODES
     names = ["standard", "mlp_mean", "attn_mean", "mlp_learned", "attn_learned", "dwa", "attn_res",
-             "x0_mix"]  # a new mode comes after these
+             "x0_mix", "hyper", "mhc"]  # a new mode comes after these
     assert [mode.name for mode in MODES[:len(names)]] == names
     assert parse_residual_mode("3") == 3 and parse_residual_mode(" 7") == 7
     assert GPTConfig(residual_mode="mlp_learned").residual_mode == 3
@@ -324,7 +442,7 @@ def test_optimizer_groups(mode):
         assert mixing["lr"] == pytest.approx(1e-2)
         assert [id(p) for p in mixing["params"]] == [id(p) for p in mixing_params(model).values()]
     if mode in (3, 4):
-        logits = {id(t) for t in model.layer_logits() if t is not None}
+        logits = {id(b.layer_logits) for b in model.transformer.h if b.layer_logits is not None}
         assert {id(p) for p in groups["mixing"]["params"]} == logits
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once (tied: once)
@@ -510,7 +628,7 @@ def test_current_logit_starts_between_the_mean_and_the_standard_residual(mode, b
     c = 0 is the mean (mode 1 or 2), and a large c the standard residual, mode 0."""
     c = 3.0
     model = make_model(mode, random_mixing=False, current_logit=c)
-    for m, w in enumerate(model.layer_weights()[1:], 1):
+    for m, w in enumerate(model.mixing_weights()["rows"][1:], 1):
         expected = [1 / (math.exp(c) + m)] * m + [math.exp(c) / (math.exp(c) + m)]
         assert w.tolist() == pytest.approx(expected, rel=1e-6)
     idx = tokens((2, 9), 14)

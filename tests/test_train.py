@@ -182,7 +182,7 @@ def test_checkpoint_contract(runs):
     assert ckpt["iter_num"] == MAX_ITERS and ckpt["data_pos"] == MAX_ITERS * 8
     assert ckpt["model_args"] == {"n_layer": 3, "n_head": 2, "n_embd": 32, "mlp_hidden": 128, "block_size": 32,
                                   "dropout": 0.0, "bias": True, "residual_mode": 3, "current_logit": 0.0,
-                                  "vocab_size": 320}
+                                  "norm_eps": 1e-5, "hc_streams": 4, "mhc_iters": 20, "vocab_size": 320}
     assert ckpt["tokenizer"] == {"name": "byte", "vocab_size": 257, "eot_token": 256}
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["config"]["seed"] == 7 and ckpt["scaler"] is None
