@@ -29,7 +29,8 @@ h_0 = token + position embedding, h_m the input of block m, a_m the input of its
   mode 8 hyper        Hyper-Connections (Zhu et al. 2025), dynamic: with Hn = LayerNorm(H) (no
                       gain), r = A_m + s_a tanh(Hn W_m), M^T = A_r + s_a tanh(Hn W_r),
                       w = B + s_b tanh(Hn W_b); A_m one-hot on stream k mod n, A_r = I, B = 1,
-                      W = 0, s = 0.01 at init (= mode 0 exactly)
+                      W = 0, s = 0.01 at init (= mode 0 exactly). Unlike the paper: W gets no
+                      weight decay, and the output projections no sqrt(n) init scaling
   mode 9 mhc          manifold-constrained HC (DeepSeek 2025): with v = RMSNorm(vec H) (no gain),
                       r = sigmoid(a_pre v P_pre + b_pre), w = 2 sigmoid(a_post v P_post + b_post),
                       M = SK(exp(a_res v P_res + b_res)), SK: mhc_iters column-then-row
@@ -207,17 +208,17 @@ class Block(nn.Module):
         self.x0_lambdas = optional_param(mode == 7, torch.tensor([1.0, 0.0]))  # (lambda_m, mu_m)
         # modes 8, 9: one set per sublayer, [0] attention, [1] MLP. Mode 8's static [A_m | A_r | B]
         # (n, n + 2), its W_m | W_r | W_b (C, n + 2), and (s_a, s_b)
-        n, sublayer = config.hc_streams, torch.arange(config.hc_streams)
-        static = [torch.cat([(sublayer == k % n).float()[:, None], torch.eye(n), torch.ones(n, 1)],
-                            1) for k in (2 * index, 2 * index + 1)]
-        self.hc_static = optional_param(mode == 8, torch.stack(static))
+        n = config.hc_streams
+        a_m = torch.eye(n)[[2 * index % n, (2 * index + 1) % n]]  # (2, n), one-hot on k mod n
+        static = torch.cat([a_m[:, :, None], torch.eye(n).expand(2, n, n), torch.ones(2, n, 1)], 2)
+        self.hc_static = optional_param(mode == 8, static)
         self.hc_dynamic = optional_param(mode == 8, torch.zeros(2, C, n + 2))
         self.hc_scales = optional_param(mode == 8, torch.full((2, 2), 0.01))
         # mode 9's P_pre | P_post | P_res (n C, 2n + n^2), b likewise, (a_pre, a_post, a_res). b_pre
         # is 1 on stream k mod n and -1 elsewhere, after A_m: b = 0 keeps the streams equal for ever
         self.mhc_proj = optional_param(mode == 9, torch.zeros(2, n * C, 2 * n + n * n))
-        b_pre = 2 * torch.stack(static)[:, :, 0] - 1  # (2, n)
-        self.mhc_bias = optional_param(mode == 9, torch.cat([b_pre, torch.zeros(2, n + n * n)], 1))
+        bias = torch.cat([2 * a_m - 1, torch.zeros(2, n + n * n)], 1)  # b_pre = +-1, the rest 0
+        self.mhc_bias = optional_param(mode == 9, bias)
         self.mhc_alpha = optional_param(mode == 9, torch.full((2, 3), 0.01))
 
 
@@ -394,7 +395,8 @@ class GPT(nn.Module):
         r, M, w = maps(H, *(getattr(block, p)[k % 2] for p in self.mode.params))
         if record:  # A_r = M^T (mode 8), H_res = M (mode 9): (n, n) summed over positions
             self.routing_sums[k] += (M.mT if mode == 8 else M).sum((0, 1)).flatten()
-        x = (r.unsqueeze(-2) @ H).squeeze(-2)  # (B, T, C)
+        with torch.autocast(H.device.type, enabled=False):  # fp32, as mode 0's ln input
+            x = (r.to(H.dtype).unsqueeze(-2) @ H).squeeze(-2)  # (B, T, C)
         return (block.ln_1 if k % 2 == 0 else block.ln_2)(x), M, w
 
     def hyper_maps(self, H, static, W, scales):
@@ -412,7 +414,7 @@ class GPT(nn.Module):
         n, flat = H.size(-2), H.flatten(-2)  # (B, T, n C)
         v_proj = F.rms_norm(flat, flat.shape[-1:], eps=1e-6) @ proj  # (B, T, 2n + n^2)
         logits = v_proj * alpha[[0] * n + [1] * n + [2] * n * n] + bias
-        M = sinkhorn(logits[..., 2 * n:].unflatten(-1, (n, n)), self.config.mhc_iters)
+        M = sinkhorn(logits[..., 2 * n:].to(H.dtype).unflatten(-1, (n, n)), self.config.mhc_iters)
         return torch.sigmoid(logits[..., :n]), M, 2 * torch.sigmoid(logits[..., n:2 * n])
 
     @staticmethod
@@ -546,9 +548,10 @@ class GPT(nn.Module):
 
 def hyper_write(H, *writes):
     """Modes 8, 9: the streams after each sublayer's (M, w, y) in turn, (B, T, n, C):
-    H'_i = sum_j M_ij H_j + w_i y."""
-    for M, w, y in zip(writes[::3], writes[1::3], writes[2::3]):
-        H = M @ H + w.unsqueeze(-1) * y.unsqueeze(-2)
+    H'_i = sum_j M_ij H_j + w_i y. Outside autocast: the streams stay fp32, as mode 0's sum does."""
+    with torch.autocast(H.device.type, enabled=False):
+        for M, w, y in zip(writes[::3], writes[1::3], writes[2::3]):
+            H = M.to(H.dtype) @ H + w.unsqueeze(-1) * y.unsqueeze(-2)
     return H
 
 
