@@ -89,6 +89,10 @@ def records(out_dir, kind=None):
     return [r for r in recs if kind is None or r["type"] == kind]
 
 
+# the tests that read the every-mode runs: under pytest -n, one worker builds them, not each worker
+EVERY_MODE_RUNS = pytest.mark.xdist_group("every_mode_runs")  # pytest.ini: --dist loadgroup
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """One finished run per residual mode (two at a time: CI has two cores) -> {mode: (out_dir, stdout)}."""
@@ -100,6 +104,7 @@ def runs(data_dir, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- learning and metrics
 
+@EVERY_MODE_RUNS
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_lowers_the_val_loss(runs, mode):
     evals = records(runs[mode][0], "eval")
@@ -115,6 +120,7 @@ EVAL_KEYS = {"type", "iter", "epoch", "tokens", "eval_loss", "eval_perplexity", 
 TRAIN_KEYS = {"type", "iter", "epoch", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed", "eta"}
 
 
+@EVERY_MODE_RUNS
 def test_metrics_block_and_jsonl_carry_every_field(runs, data_dir):
     out, stdout = runs[3]
     recs = records(out)
@@ -167,6 +173,7 @@ def reference_eval(out, data_dir):
     return loss, accuracy
 
 
+@EVERY_MODE_RUNS
 def test_eval_metrics_match_an_independent_recomputation_from_the_checkpoint(runs, data_dir):
     out, _ = runs[3]
     loss, accuracy = reference_eval(out, data_dir)
@@ -175,6 +182,7 @@ def test_eval_metrics_match_an_independent_recomputation_from_the_checkpoint(run
     assert final["eval_accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 
+@EVERY_MODE_RUNS
 def test_checkpoint_contract(runs):
     out, _ = runs[3]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
@@ -190,6 +198,7 @@ def test_checkpoint_contract(runs):
     assert isinstance(ckpt["ranks"][0]["cpu"], torch.Tensor) and ckpt["window_iters"] == 0
 
 
+@EVERY_MODE_RUNS
 def test_layer_weights_files(runs):
     out, stdout = runs[3]
     doc = json.load(open(os.path.join(out, "layer_weights.json")))
@@ -227,6 +236,7 @@ def test_layer_weights_files(runs):
     assert "layer weights" not in runs[0][1]
 
 
+@EVERY_MODE_RUNS
 @pytest.mark.parametrize("mode", [4, 5, 6, 7])
 def test_mixing_files_of_the_new_modes(runs, mode):
     """Every mixing parameter is in layer_weights.json as trained (raw, read back from the checkpoint),
@@ -256,6 +266,7 @@ def test_mixing_files_of_the_new_modes(runs, mode):
 
 # ----------------------------------------------------------------------------- determinism and resume
 
+@EVERY_MODE_RUNS
 def test_same_seed_gives_identical_eval_numbers(runs, data_dir, tmp_path):
     out = str(tmp_path / "again")
     run_train(tiny_args(data_dir, out, "--residual_mode=3"))
@@ -263,6 +274,7 @@ def test_same_seed_gives_identical_eval_numbers(runs, data_dir, tmp_path):
     assert strip(records(out, "eval")) == strip(records(runs[3][0], "eval"))
 
 
+@EVERY_MODE_RUNS
 def test_sigterm_then_resume_reaches_exactly_the_same_losses(runs, data_dir, tmp_path):
     out = str(tmp_path / "interrupted")
     args = tiny_args(data_dir, out, "--residual_mode=3")
@@ -405,6 +417,7 @@ def test_the_defaults_keep_the_notes_32_windows_and_divide_among_1_to_8_processe
         configurator.check_train(defaults)
 
 
+@EVERY_MODE_RUNS
 def test_script_errors_are_one_line(runs, data_dir, tmp_path):
     """A config error, a corrupt checkpoint and a missing dataset, through the script: exit status 1 and
     one line on stderr that names the problem and the fix, no traceback."""
@@ -424,6 +437,7 @@ def test_script_errors_are_one_line(runs, data_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("train.py: ") and message in lines[0], result.stderr
 
 
+@EVERY_MODE_RUNS
 def test_checkpoint_mismatches(runs, data_dir, tmp_path):
     """The checkpoint must fit the config: one line each, before any training."""
     good = runs[3][0]
