@@ -9,3 +9,8 @@ sys.path.insert(0, ROOT)
 _cache = os.path.join(ROOT, "..", "shared", "tiktoken")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_cache)
+
+# Under pytest -n, the workers share the cores: one thread each, or their thread pools fight
+if "PYTEST_XDIST_WORKER" in os.environ:
+    import torch
+    torch.set_num_threads(1)
