@@ -118,13 +118,11 @@ class NaiveGPT(GPT):
                 sources.append(f)
         return z
 
-
     def naive_hyper_connections(self, x):  # autograd keeps every H, x_k and the maps' insides
         blocks, streams = self.transformer.h, [x] * self.config.hc_streams
         for k in range(2 * len(blocks)):
             block, H = blocks[k // 2], torch.stack(streams, -2)  # (B, T, n, C)
-            maps = self.hyper_maps if self.config.residual_mode == 8 else self.mhc_maps
-            r, M, w = maps(H, *(getattr(block, p)[k % 2] for p in self.mode.params))
+            r, M, w = self.stream_maps(H, k)
             x = (r.unsqueeze(-1) * H).sum(-2)
             y = block.mlp(block.ln_2(x)) if k % 2 else block.attn(block.ln_1(x))
             streams = [(M[..., i, :, None] * H).sum(-2) + w[..., i, None] * y

@@ -391,13 +391,17 @@ class GPT(nn.Module):
         (M, w, y) that turn H into sublayer k's own stream first."""
         H = hyper_write(H, *earlier)
         block, mode = self.transformer.h[k // 2], self.config.residual_mode
-        maps = self.hyper_maps if mode == 8 else self.mhc_maps
-        r, M, w = maps(H, *(getattr(block, p)[k % 2] for p in self.mode.params))
+        r, M, w = self.stream_maps(H, k)
         if record:  # A_r = M^T (mode 8), H_res = M (mode 9): (n, n) summed over positions
             self.routing_sums[k] += (M.mT if mode == 8 else M).sum((0, 1)).flatten()
         with torch.autocast(H.device.type, enabled=False):  # fp32, as mode 0's ln input
             x = (r.to(H.dtype).unsqueeze(-2) @ H).squeeze(-2)  # (B, T, C)
         return (block.ln_1 if k % 2 == 0 else block.ln_2)(x), M, w
+
+    def stream_maps(self, H, k):
+        """Sublayer k's (r, M, w) from the streams H, with its own parameters (modes 8, 9)."""
+        maps = self.hyper_maps if self.config.residual_mode == 8 else self.mhc_maps
+        return maps(H, *(getattr(self.transformer.h[k // 2], p)[k % 2] for p in self.mode.params))
 
     def hyper_maps(self, H, static, W, scales):
         """Mode 8: (r, M, w) = (A_m(H), A_r(H)^T, B(H)), (B, T, n), (B, T, n, n), (B, T, n).
