@@ -566,7 +566,7 @@ def plot_effect_by_value(effect, baseline, folder):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(0, color="k", lw=0.8)
-    values = list(next(iter(effect.values())))
+    values = [v.replace(",", "\n") for v in next(iter(effect.values()))]  # a key a line
     for i, (m, by_value) in enumerate(effect.items()):
         means = [d["mean"] for d in by_value.values()]
         bounds = [(d["holm"]["low"], d["holm"]["high"]) if d["holm"]["low"] is not None
