@@ -35,8 +35,9 @@ h_0 = token + position embedding, h_m the input of block m, a_m the input of its
                       r = sigmoid(a_pre v P_pre + b_pre), w = 2 sigmoid(a_post v P_post + b_post),
                       M = SK(exp(a_res v P_res + b_res)), SK: mhc_iters column-then-row
                       normalisations (doubly stochastic); P = 0, b = 0 but b_pre = +-1 (+1 on
-                      stream k mod n: b = 0 keeps the streams equal for ever), a = 0.01 at init:
-                      w = 1, M = 1/n, every stream h + f(c h) (= mode 0 but for LayerNorm's eps)
+                      stream k mod n: b = 0 keeps the streams equal for ever) and b_res =
+                      current_logit I (0: M = 1/n; large: M near I), a = 0.01 at init: w = 1,
+                      every stream h + f(c h) (= mode 0 but for LayerNorm's eps), any current_logit
 
 MODES, below, holds what the rest of the code knows of each mode: its name, its mixing parameters
 (one optimizer group, no weight decay: configure_optimizers) and the labels of its reports
@@ -119,7 +120,8 @@ class GPTConfig:
     hc_streams: int = 4  # modes 8, 9: n, the number of residual streams
     mhc_iters: int = 20  # mode 9: Sinkhorn-Knopp iterations
     current_logit: float = 0.0  # modes 3, 4: theta_m, phi_m start at this on block m's own state,
-    # 0 elsewhere. 0: uniform, the mode starts as mode 1 or 2; large: near the standard residual
+    # 0 elsewhere. 0: uniform, the mode starts as mode 1 or 2; large: near the standard residual.
+    # Mode 9: b_res's diagonal (each stream's own logit); large: H_res near I, as HC's A_r
 
     def __post_init__(self):
         self.residual_mode = parse_residual_mode(self.residual_mode)
@@ -217,7 +219,8 @@ class Block(nn.Module):
         # mode 9's P_pre | P_post | P_res (n C, 2n + n^2), b likewise, (a_pre, a_post, a_res). b_pre
         # is 1 on stream k mod n and -1 elsewhere, after A_m: b = 0 keeps the streams equal for ever
         self.mhc_proj = optional_param(mode == 9, torch.zeros(2, n * C, 2 * n + n * n))
-        bias = torch.cat([2 * a_m - 1, torch.zeros(2, n + n * n)], 1)  # b_pre = +-1, the rest 0
+        b_res = config.current_logit * torch.eye(n).flatten().expand(2, -1)  # 0: H_res = 1/n
+        bias = torch.cat([2 * a_m - 1, torch.zeros(2, n), b_res], 1)  # b_pre = +-1, b_post = 0
         self.mhc_bias = optional_param(mode == 9, bias)
         self.mhc_alpha = optional_param(mode == 9, torch.full((2, 3), 0.01))
 

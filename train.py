@@ -37,7 +37,7 @@ data_dir = "data"
 out_dir = "out"
 # model (see model.py)
 residual_mode = 0  # a number, or a name from model.MODES (model.py's docstring has the equations)
-current_logit = 0.0  # modes 3, 4: the initial logit of a block's own state; 0: uniform (model.py)
+current_logit = 0.0  # modes 3, 4, 9: the initial logit of a block's (stream's) own state (model.py)
 hc_streams = 4  # modes 8, 9: the number of residual streams
 mhc_iters = 20  # mode 9: Sinkhorn-Knopp iterations
 n_layer = 12

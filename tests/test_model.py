@@ -284,6 +284,21 @@ def test_mode9_streams_part_at_their_first_step():
                 assert spread.min().item() > 1e-4  # small: the uniform H_res passes the mean on
 
 
+def test_mode9_current_logit_leans_H_res_to_the_identity():
+    """b_res = c I: SK(exp(c I)) is already doubly stochastic, e^c / (e^c + n - 1) on the diagonal and
+    1 / (e^c + n - 1) off it. Its rows sum to 1, so with the streams equal at init the logits do not move."""
+    c = 3.0
+    model = make_model(9, random_mixing=False, current_logit=c)
+    n = model.config.hc_streams
+    expected = (torch.ones(n, n) + (math.exp(c) - 1) * torch.eye(n)) / (math.exp(c) + n - 1)
+    for raw in model.mixing_weights()["raw"]:
+        assert raw.tolist() == pytest.approx(expected.flatten().tolist(), rel=1e-6)
+    idx = tokens((2, 9), 16)
+    with torch.no_grad():
+        diff = model(idx)[0] - make_model(9, random_mixing=False)(idx)[0]
+    assert diff.abs().max().item() < 1e-12
+
+
 def test_mode6_zero_queries_route_the_plain_mean():
     model = make_model(6, random_mixing=False)
     assert all(torch.all(p == 0) for p in mixing_params(model).values())
